@@ -1,0 +1,23 @@
+"""How to build an engine. One dataclass, one source of defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zimage.weights.layout import DEFAULT_MODEL_ID
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" is accepted too
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+SPEED_CHOICES = ("auto", "eager", "compile")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL_ID  # folder, repo id (looked up in the HF / ModelScope caches) or "tiny-random"
+    device: str = "auto"  # auto: cuda if present, else mps, else cpu
+    dtype: str = "auto"  # auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU
+    speed: str = "auto"  # auto | eager | compile: see zimage.speed (auto picks per device, measured)
+    vram_budget_gib: float | None = None  # memory plan budget; None: free VRAM less a margin (zimage.memory)
+    max_text_tokens: int = 512  # the text encoder reads at most this many tokens per prompt (model limit)
+    prompt_cache_size: int = 32  # prompt embeddings kept, so a repeated prompt skips the text encoder
+    show_progress: bool = False  # tqdm bars for loading and steps (the CLI turns them on)

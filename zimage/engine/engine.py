@@ -1,0 +1,226 @@
+"""The engine: `Engine.load(config)` once, `engine.generate(request)` many times.
+
+    generate = encode (text encoder) -> denoise (transformer, N Euler steps) -> decode (VAE)
+
+The memory policy is entered before each phase; progress and cancellation hook in at step boundaries; no host-device
+synchronisation happens inside the step loop (timings synchronise only at phase boundaries).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from zimage.engine.config import EngineConfig
+from zimage.engine.result import GeneratedImage, GenerateResult, Progress
+from zimage.errors import GenerationCancelled, NonFiniteOutputError
+from zimage.io.metadata import ImageMetadata
+from zimage.request import GenerateRequest
+
+log = logging.getLogger("zimage")
+
+
+@dataclass
+class Conditioning:
+    """Output of the encode phase: one caption embedding per image (and per negative, with CFG)."""
+
+    positive: list  # B tensors (L_i, D)
+    negative: list  # B tensors with CFG, else []
+
+
+class Engine:
+    def __init__(self, config, location, device, dtype, tokenizer, scheduler, transformer, text_encoder, vae, policy):
+        from zimage.engine.text import PromptEncoder
+
+        self.config = config
+        self.location = location  # zimage.weights.locate.ModelLocation
+        self.device = device
+        self.dtype = dtype
+        self.scheduler = scheduler
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.policy = policy
+        self.prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens, config.prompt_cache_size)
+        self.speed = "eager"  # set by zimage.speed.apply_speed
+        self.load_seconds = 0.0
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, config: EngineConfig | None = None, **overrides) -> "Engine":
+        """Find, check and load the model; choose device, dtype, memory plan and speed mode."""
+        import torch
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from transformers import AutoTokenizer
+
+        from zimage.engine.device import resolve_device, resolve_dtype
+        from zimage.engine.fp16_guard import install_fp16_guard
+        from zimage.memory.policy import Parts
+        from zimage.memory.select import select_policy
+        from zimage.speed.apply import apply_speed
+        from zimage.weights.check import check_model_folder
+        from zimage.weights.load import load_network
+        from zimage.weights.locate import locate_model
+
+        t0 = time.perf_counter()
+        config = config or EngineConfig()
+        if overrides:
+            from dataclasses import replace
+
+            config = replace(config, **overrides)
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        location = locate_model(config.model)
+        checked = check_model_folder(location.path)  # every part present and well-formed, before reading data
+
+        tokenizer = AutoTokenizer.from_pretrained(location.path / "tokenizer")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(location.path / "scheduler")
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # the VAE overflows in fp16
+        total = sum(c.nbytes for c in checked.values())
+        bar = _progress_bar(config.show_progress, total, f"loading {location.model_id}")
+        policy = select_policy(config, device, dtype, checked)
+        try:
+            step = bar.update if bar else None
+            # Each network is loaded straight to where the plan keeps it (device, or host memory to stream from).
+            transformer = load_network(checked["transformer"], policy.home("transformer", device), dtype, step)
+            text_encoder = load_network(checked["text_encoder"], policy.home("text_encoder", device), dtype, step)
+            vae = load_network(checked["vae"], policy.home("vae", device), vae_dtype, step)
+        finally:
+            if bar:
+                bar.close()
+        if dtype == torch.float16:
+            install_fp16_guard(transformer)
+        engine = cls(config, location, device, dtype, tokenizer, scheduler, transformer, text_encoder, vae, policy)
+        policy.place(Parts(transformer, text_encoder, vae, device))
+        engine.speed = apply_speed(engine, config.speed)
+        engine.load_seconds = time.perf_counter() - t0
+        log.info("loaded %s from %s in %.1fs (%s, %s, plan %s, speed %s)", location.model_id, location.path,
+                 engine.load_seconds, device, dtype, policy.describe(), engine.speed)
+        return engine
+
+    # ---------------------------------------------------------------- phases
+    def encode(self, request: GenerateRequest) -> tuple[Conditioning, list[str]]:
+        """Caption embeddings for every image of the request, plus prompt-truncation warnings."""
+        self.policy.enter("encode")
+        prompts = request.image_prompts()
+        warnings = self.prompts.truncation_warnings(list(request.prompts) + ([request.negative_prompt] if request.cfg else []))
+        unique = list(dict.fromkeys(request.prompts)) + ([request.negative_prompt] if request.cfg else [])
+        embedded = dict(zip(unique, self.prompts.encode(unique)))
+        positive = [embedded[p] for p in prompts]
+        negative = [embedded[request.negative_prompt]] * len(prompts) if request.cfg else []
+        if self.dtype.itemsize == 2 and not all(_finite(e) for e in positive + negative[:1]):
+            raise NonFiniteOutputError(f"the text encoder overflowed in {self.dtype}; run with --dtype fp32 or bf16")
+        return Conditioning(positive, negative), warnings
+
+    def denoise(self, cond: Conditioning, request: GenerateRequest, on_progress=None, cancel=None):
+        """N Euler steps from seeded noise; returns float32 latents (B, 16, H/8, W/8)."""
+        import torch
+
+        from zimage.engine.sampling import cfg_combine, euler_step, initial_noise, make_schedule
+
+        self.policy.enter("denoise")
+        schedule = make_schedule(self.scheduler, request.steps, self.device)
+        latents = initial_noise(request.image_seeds(), self.transformer.config.in_channels, request.height,
+                                request.width, self.device)  # (B, C, h, w) float32
+        batch = latents.shape[0]
+        captions = cond.positive + cond.negative
+        bar = _progress_bar(self.config.show_progress and request.steps > 1, request.steps, "denoising", unit="step")
+        with torch.inference_mode():
+            for i in range(schedule.steps):
+                if cancel is not None and cancel.is_set():
+                    raise GenerationCancelled(f"cancelled before step {i + 1} of {schedule.steps}")
+                x = latents.to(self.dtype)
+                if request.cfg:
+                    x = torch.cat([x, x])
+                t = schedule.timesteps[i].expand(x.shape[0])  # (B',)
+                out = self.transformer(list(x.unsqueeze(2).unbind(0)), t, captions, return_dict=False)[0]
+                velocity = torch.stack(out).float().squeeze(2)  # (B', C, h, w)
+                if request.cfg:
+                    velocity = cfg_combine(velocity[:batch], velocity[batch:], request.guidance)
+                latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])
+                if bar:
+                    bar.update()
+                if on_progress is not None:
+                    on_progress(Progress("denoise", i + 1, schedule.steps, latents))
+        if bar:
+            bar.close()
+        if not _finite(latents):
+            raise NonFiniteOutputError(
+                f"the transformer produced NaN/inf in {self.dtype} (fp16 overflow?); no image was written. "
+                "Use --dtype bf16 (GPUs from Ampere on) or fp32."
+            )
+        return latents
+
+    def decode(self, latents):
+        """(B, 16, h, w) -> (B, 3, H, W) float pixels in [0, 1]."""
+        from zimage.engine.decode import decode_latents
+
+        self.policy.enter("decode")
+        return decode_latents(self.vae, latents, tile=getattr(self.policy, "tiled_decode", False))
+
+    # ---------------------------------------------------------------- all three
+    def generate(self, request: GenerateRequest, on_progress=None, cancel=None) -> GenerateResult:
+        """Make every image of `request`. `on_progress(Progress)` is called at step boundaries; `cancel.is_set()`
+        (e.g. a threading.Event) is checked there too and raises GenerationCancelled."""
+        from zimage.engine.decode import to_pil
+
+        timings = {}
+        t0 = time.perf_counter()
+        cond, warnings = self.encode(request)
+        for w in warnings:
+            log.warning(w)
+        timings["encode"] = self._lap(t0)
+        if on_progress:
+            on_progress(Progress("encode", 1, 1))
+        latents = self.denoise(cond, request, on_progress, cancel)
+        timings["denoise"] = self._lap(t0) - timings["encode"]
+        pixels = self.decode(latents)
+        images = to_pil(pixels)
+        timings["decode"] = self._lap(t0) - timings["encode"] - timings["denoise"]
+        timings["total"] = time.perf_counter() - t0
+        if on_progress:
+            on_progress(Progress("decode", 1, 1))
+        return GenerateResult(
+            request, [GeneratedImage(im, self.metadata(request, i), i) for i, im in enumerate(images)], timings, warnings
+        )
+
+    def metadata(self, request: GenerateRequest, index: int) -> ImageMetadata:
+        from zimage.engine.device import dtype_name
+
+        return ImageMetadata(
+            prompt=request.image_prompts()[index], negative_prompt=request.negative_prompt if request.cfg else "",
+            seed=request.image_seeds()[index], steps=request.steps, guidance=request.guidance,
+            width=request.width, height=request.height, model=self.location.model_id,
+            model_revision=self.location.revision, dtype=dtype_name(self.dtype),
+        )
+
+    def describe(self) -> dict:
+        from zimage.engine.device import dtype_name
+
+        return {
+            "model": self.location.model_id, "path": str(self.location.path), "source": self.location.source,
+            "revision": self.location.revision, "device": str(self.device), "dtype": dtype_name(self.dtype),
+            "memory_plan": self.policy.describe(), "speed": self.speed, "load_seconds": round(self.load_seconds, 3),
+        }
+
+    def _lap(self, t0: float) -> float:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+
+def _finite(t) -> bool:
+    import torch
+
+    return bool(torch.isfinite(t).all())
+
+
+def _progress_bar(enabled: bool, total: int, desc: str, unit: str = "B"):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False)

@@ -1,0 +1,1 @@
+"""Files: PNG metadata, prompts files, output names."""

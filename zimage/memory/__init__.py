@@ -1,0 +1,1 @@
+"""Where the weights live between phases: plans chosen from a VRAM budget, applied by a policy."""

@@ -1,0 +1,112 @@
+"""A generation request: validated once, here, so that the engine and every entrypoint share one set of rules."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field, replace
+
+from zimage.errors import UsageError
+from zimage.sizes import check_side
+
+# Limits. The CLI, the server and the Python API all enforce these through GenerateRequest.
+MAX_STEPS = 100
+MAX_GUIDANCE = 30.0
+MAX_IMAGES_PER_PROMPT = 16
+MAX_PROMPTS = 64
+MAX_IMAGES_PER_REQUEST = 64
+MAX_PROMPT_CHARS = 20_000  # a guard against abuse; token truncation (512) is reported separately
+MAX_SEED = 2**63 - 1 - MAX_IMAGES_PER_REQUEST  # seed + i must stay a valid 64-bit seed
+
+DEFAULT_STEPS = 9  # Z-Image-Turbo: 9 sigmas -> 9 transformer forwards (diffusers >= 0.40 schedule)
+DEFAULT_GUIDANCE = 0.0  # Turbo is distilled: no CFG
+DEFAULT_SIZE = 1024
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What to make. Construct it and it is valid, or a UsageError says which field is wrong and why.
+
+    Image i of a request (prompt-major: all n images of prompt 0, then prompt 1, ...) uses seed + i, drawn
+    from its own CPU generator, so an image depends only on (prompt, settings, its seed), not on batching.
+    """
+
+    prompts: tuple[str, ...]  # one or more prompts; each yields `n` images
+    negative_prompt: str = ""  # used only when guidance > 0 (classifier-free guidance)
+    width: int = DEFAULT_SIZE  # pixels, multiple of 16 in [256, 2048]
+    height: int = DEFAULT_SIZE
+    steps: int = DEFAULT_STEPS  # transformer forwards (x2 with CFG)
+    guidance: float = DEFAULT_GUIDANCE  # CFG scale; 0 disables CFG (pred = pos + g * (pos - neg))
+    seed: int | None = None  # None: a random seed, recorded in the result
+    n: int = 1  # images per prompt
+    extra: dict = field(default_factory=dict, compare=False)  # free-form, carried into metadata (e.g. source)
+
+    def __post_init__(self):
+        prompts = self.prompts
+        if isinstance(prompts, str):
+            prompts = (prompts,)
+        if not isinstance(prompts, (tuple, list)) or not prompts:
+            raise UsageError("at least one prompt is required", param="prompt")
+        prompts = tuple(prompts)
+        if len(prompts) > MAX_PROMPTS:
+            raise UsageError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
+        for i, p in enumerate(prompts):
+            where = "prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+            if not isinstance(p, str) or not p.strip():
+                raise UsageError(f"{where} is empty; give a description of the image", param="prompt")
+            if len(p) > MAX_PROMPT_CHARS:
+                raise UsageError(f"{where} has {len(p)} characters; the limit is {MAX_PROMPT_CHARS}", param="prompt")
+        object.__setattr__(self, "prompts", prompts)
+        if not isinstance(self.negative_prompt, str):
+            raise UsageError(f"negative prompt must be text, got {self.negative_prompt!r}", param="negative_prompt")
+        if len(self.negative_prompt) > MAX_PROMPT_CHARS:
+            raise UsageError(f"negative prompt is longer than {MAX_PROMPT_CHARS} characters", param="negative_prompt")
+        check_side("width", self.width)
+        check_side("height", self.height)
+        _check_int("steps", self.steps, 1, MAX_STEPS)
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
+            raise UsageError(f"guidance must be a number, got {self.guidance!r}", param="guidance")
+        if not 0.0 <= self.guidance <= MAX_GUIDANCE:
+            raise UsageError(f"guidance must be between 0 and {MAX_GUIDANCE}, got {self.guidance}", param="guidance")
+        object.__setattr__(self, "guidance", float(self.guidance))
+        _check_int("n", self.n, 1, MAX_IMAGES_PER_PROMPT)
+        if len(prompts) * self.n > MAX_IMAGES_PER_REQUEST:
+            raise UsageError(
+                f"{len(prompts)} prompts x n={self.n} is {len(prompts) * self.n} images; the limit is "
+                f"{MAX_IMAGES_PER_REQUEST} per request",
+                param="n",
+            )
+        if self.seed is None:
+            object.__setattr__(self, "seed", random_seed())
+        else:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompts) * self.n
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance > 0
+
+    def image_prompts(self) -> list[str]:
+        """The prompt of each image, prompt-major (p0 x n, p1 x n, ...)."""
+        return [p for p in self.prompts for _ in range(self.n)]
+
+    def image_seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_images)]
+
+    def single(self, index: int) -> "GenerateRequest":
+        """The one-image request that reproduces image `index` of this one."""
+        return replace(self, prompts=(self.image_prompts()[index],), n=1, seed=self.image_seeds()[index])
+
+
+def _check_int(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{name} must be an integer, got {value!r}", param=name)
+    if not low <= value <= high:
+        raise UsageError(f"{name} must be between {low} and {high}, got {value}", param=name)

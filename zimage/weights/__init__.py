@@ -1,0 +1,1 @@
+"""Finding, checking, loading and fetching model weights (and building the tiny test model)."""

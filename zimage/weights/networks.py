@@ -1,0 +1,94 @@
+"""The three networks, built on the meta device from a folder's configs (no memory, no init), plus the rules that
+map a checkpoint's tensor names to them.
+
+We use diffusers' / transformers' classes (the maintained reference) and own only the loading:
+- transformer: `ZImageTransformer2DModel`, all tensors used.
+- text encoder: `Qwen3Model` cut after layer L-2: the pipeline reads `hidden_states[-2]`, the input of the last
+  layer, so the last layer and the final norm are never computed (and their ~1/36 of the bytes never read).
+- VAE: `AutoencoderKL` decoder only: text-to-image never encodes an image.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from zimage.errors import ModelFolderError
+from zimage.weights.layout import TEXT_ENCODER, TRANSFORMER, VAE, WeightComponent
+
+
+@dataclass
+class MetaNetwork:
+    """A network on the meta device and how checkpoint names map onto it."""
+
+    component: WeightComponent
+    module: object  # torch.nn.Module on the meta device
+    rename: Callable[[str], str | None]  # checkpoint name -> module name, or None for a tensor we skip on purpose
+    config: dict = field(default_factory=dict)
+
+
+def _read_config(folder: Path, component: WeightComponent) -> dict:
+    path = folder / component.name / component.config_file
+    if not path.is_file():
+        raise ModelFolderError(f"{folder} is missing {component.name}/{component.config_file} (the {component.name})")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelFolderError(f"{path} is not valid JSON: {e}") from None
+
+
+def build_transformer(folder: Path) -> MetaNetwork:
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
+    config = _read_config(folder, TRANSFORMER)
+    with torch.device("meta"):
+        module = ZImageTransformer2DModel.from_config(config)
+    return MetaNetwork(TRANSFORMER, module, lambda name: name, config)
+
+
+def build_text_encoder(folder: Path) -> MetaNetwork:
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = _read_config(folder, TEXT_ENCODER)
+    qconfig = Qwen3Config.from_dict(config)
+    num_layers = qconfig.num_hidden_layers
+    if num_layers < 2:
+        raise ModelFolderError(f"text_encoder/config.json has num_hidden_layers={num_layers}; at least 2 are needed")
+    qconfig.num_hidden_layers = num_layers - 1  # hidden_states[-2] == output of layer L-2
+    with torch.device("meta"):
+        module = Qwen3Model(qconfig)
+    module.norm = torch.nn.Identity()  # last_hidden_state is now the un-normed output of layer L-2
+    skipped_layer = re.compile(rf"^layers\.{num_layers - 1}\.")
+
+    def rename(name: str) -> str | None:
+        if name.startswith("model."):  # checkpoints saved from Qwen3ForCausalLM
+            name = name[len("model."):]
+        if name == "lm_head.weight" or name == "norm.weight" or skipped_layer.match(name):
+            return None
+        return name
+
+    return MetaNetwork(TEXT_ENCODER, module, rename, config)
+
+
+def build_vae_decoder(folder: Path) -> MetaNetwork:
+    import torch
+    from diffusers import AutoencoderKL
+
+    config = _read_config(folder, VAE)
+    with torch.device("meta"):
+        module = AutoencoderKL.from_config(config)
+    module.encoder = None
+    module.quant_conv = None
+
+    def rename(name: str) -> str | None:
+        return None if name.startswith(("encoder.", "quant_conv.")) else name
+
+    return MetaNetwork(VAE, module, rename, config)
+
+
+BUILDERS = {"transformer": build_transformer, "text_encoder": build_text_encoder, "vae": build_vae_decoder}

@@ -1,0 +1,136 @@
+"""A tiny, randomly initialised Z-Image folder in the published layout, for tests and a first run without weights.
+
+Same architecture and file layout as Tongyi-MAI/Z-Image-Turbo (fp32 transformer in safetensors shards with an
+index, bf16 text encoder, a byte-level BPE tokenizer with a chat template, Flux-style VAE, scheduler), at a few
+hundred thousand parameters: its images are noise, but every code path (loading, checks, encode, denoise,
+decode, metadata) runs exactly as with the real model. The full-size variant (`full_size=True`) has the published
+shapes and is what the GPU benchmarks use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_VERSION = 1  # bump when the tiny architecture changes, so caches rebuild
+
+# The published full-size shapes (see DESIGN.md) and the tiny stand-ins.
+FULL_TRANSFORMER = dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
+                        axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
+TINY_TRANSFORMER = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                        axes_dims=[8, 12, 12], axes_lens=[1536, 512, 512])
+FULL_TEXT = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, max_position_embeddings=2048)
+FULL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+TINY_VAE = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# Qwen3's chat template, reduced to what the pipeline uses: user turns and the generation prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{% endif %}"
+)
+_WORDS = (
+    "a an the of in on at with and photo portrait painting of cat dog bird fox horse city street forest mountain "
+    "river sea sky sunset night snow rain light shadow red blue green yellow black white golden old young woman "
+    "man child girl boy face eyes hair smile dress coat hat glass window door house castle tower bridge road car "
+    "train boat flower tree grass garden cinematic detailed sharp soft warm cold bright dark style art digital "
+    "oil watercolor sketch anime realistic 4k 8k high quality masterpiece lens bokeh studio film grain neon"
+).split()
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 1024):
+    """Train a byte-level BPE tokenizer (the Qwen2 kind) on a fixed word list and save it with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [" ".join(_WORDS[i:] + _WORDS[:i]) for i in range(len(_WORDS))]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+        model_max_length=131072,
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_model_folder(folder: Path, full_size: bool = False, seed: int = 0, device: str = "cpu") -> Path:
+    """Write a random-weight Z-Image folder in the published layout to `folder` (created)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(folder / "tokenizer")
+    text_shape = FULL_TEXT if full_size else dict(TINY_TEXT, vocab_size=len(tokenizer))
+    with torch.device(device):
+        transformer = ZImageTransformer2DModel(**(FULL_TRANSFORMER if full_size else TINY_TRANSFORMER))
+        text_encoder = Qwen3Model(Qwen3Config(**text_shape, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=16,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+            **(FULL_VAE if full_size else TINY_VAE),
+        )
+    if not full_size:
+        # The constructors zero the pad tokens and some modulation layers; give them values so that tests see
+        # every parameter matter (a wrong mapping or a skipped tensor changes the output).
+        with torch.no_grad():
+            for name, p in transformer.named_parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(0, 0.02)
+    # fp32 transformer in shards (published: 3 shards of ~8 GB), bf16 text encoder (published: 3 shards).
+    transformer.save_pretrained(folder / "transformer", max_shard_size="10GB" if full_size else "600KB")
+    text_encoder.to(torch.bfloat16).save_pretrained(folder / "text_encoder", max_shard_size="3GB" if full_size else "40KB")
+    vae.save_pretrained(folder / "vae")  # fp32, as constructed
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False).save_pretrained(
+        folder / "scheduler"
+    )
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "ZImagePipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen3Model"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"] if not full_size else ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "ZImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }, indent=2))
+    return folder
+
+
+def ensure_tiny_model() -> Path:
+    """The tiny model in zimage's cache, built on first use (a second or so), atomically."""
+    from zimage.weights.locate import zimage_cache
+
+    target = zimage_cache() / f"tiny-random-v{TINY_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        build_model_folder(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race; its folder is as good as ours
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
