@@ -100,44 +100,58 @@ class Engine:
         return engine
 
     # ---------------------------------------------------------------- phases
-    def encode(self, request: GenerateRequest) -> tuple[Conditioning, list[str]]:
-        """Caption embeddings for every image of the request, plus prompt-truncation warnings."""
+    def encode(self, requests: list[GenerateRequest]) -> tuple[Conditioning, list[str]]:
+        """Caption embeddings for every image of the requests (in order), plus prompt-truncation warnings."""
         self.policy.enter("encode")
-        prompts = request.image_prompts()
-        warnings = self.prompts.truncation_warnings(list(request.prompts) + ([request.negative_prompt] if request.cfg else []))
-        unique = list(dict.fromkeys(request.prompts)) + ([request.negative_prompt] if request.cfg else [])
+        texts = [p for r in requests for p in r.prompts] + [r.negative_prompt for r in requests if r.cfg]
+        unique = list(dict.fromkeys(texts))
+        warnings = self.prompts.truncation_warnings(unique)
         embedded = dict(zip(unique, self.prompts.encode(unique)))
-        positive = [embedded[p] for p in prompts]
-        negative = [embedded[request.negative_prompt]] * len(prompts) if request.cfg else []
-        if self.dtype.itemsize == 2 and not all(_finite(e) for e in positive + negative[:1]):
+        positive = [embedded[p] for r in requests for p in r.image_prompts()]
+        negative = [embedded[r.negative_prompt] for r in requests for _ in range(r.num_images) if r.cfg]
+        if self.dtype.itemsize == 2 and not all(_finite(e) for e in embedded.values()):
             raise NonFiniteOutputError(f"the text encoder overflowed in {self.dtype}; run with --dtype fp32 or bf16")
         return Conditioning(positive, negative), warnings
 
-    def denoise(self, cond: Conditioning, request: GenerateRequest, on_progress=None, cancel=None):
-        """N Euler steps from seeded noise; returns float32 latents (B, 16, H/8, W/8)."""
+    def denoise(self, cond: Conditioning, seeds: list[int], shape: GenerateRequest, on_progress=None, alive=None):
+        """N Euler steps from seeded noise; returns float32 latents (B, 16, H/8, W/8).
+
+        `shape` gives width, height, steps and guidance (shared by the batch). `alive()`, if given, is called at
+        each step boundary and returns a bool per image still wanted: dropped images leave the batch there (their
+        rows are cut from the latents and captions), so a cancelled request stops costing compute at once.
+        Returns (latents of the images still alive, their indices).
+        """
         import torch
 
         from zimage.engine.sampling import cfg_combine, euler_step, initial_noise, make_schedule
 
         self.policy.enter("denoise")
-        schedule = make_schedule(self.scheduler, request.steps, self.device)
-        latents = initial_noise(request.image_seeds(), self.transformer.config.in_channels, request.height,
-                                request.width, self.device)  # (B, C, h, w) float32
-        batch = latents.shape[0]
-        captions = cond.positive + cond.negative
-        bar = _progress_bar(self.config.show_progress and request.steps > 1, request.steps, "denoising", unit="step")
+        schedule = make_schedule(self.scheduler, shape.steps, self.device)
+        latents = initial_noise(seeds, self.transformer.config.in_channels, shape.height, shape.width, self.device)
+        index = list(range(len(seeds)))  # original position of each row still in the batch
+        positive, negative = list(cond.positive), list(cond.negative)
+        bar = _progress_bar(self.config.show_progress and shape.steps > 1, shape.steps, "denoising", unit="step")
         with torch.inference_mode():
             for i in range(schedule.steps):
-                if cancel is not None and cancel.is_set():
-                    raise GenerationCancelled(f"cancelled before step {i + 1} of {schedule.steps}")
+                if alive is not None:
+                    keep = [k for k, ok in enumerate(alive()) if ok and k in index]
+                    if len(keep) < len(index):
+                        rows = [index.index(k) for k in keep]
+                        latents = latents[rows]
+                        positive = [positive[r] for r in rows]
+                        negative = [negative[r] for r in rows] if negative else []
+                        index = keep
+                    if not index:
+                        break
+                batch = latents.shape[0]
                 x = latents.to(self.dtype)
-                if request.cfg:
+                if shape.cfg:
                     x = torch.cat([x, x])
                 t = schedule.timesteps[i].expand(x.shape[0])  # (B',)
-                out = self.transformer(list(x.unsqueeze(2).unbind(0)), t, captions, return_dict=False)[0]
+                out = self.transformer(list(x.unsqueeze(2).unbind(0)), t, positive + negative, return_dict=False)[0]
                 velocity = torch.stack(out).float().squeeze(2)  # (B', C, h, w)
-                if request.cfg:
-                    velocity = cfg_combine(velocity[:batch], velocity[batch:], request.guidance)
+                if shape.cfg:
+                    velocity = cfg_combine(velocity[:batch], velocity[batch:], shape.guidance)
                 latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])
                 if bar:
                     bar.update()
@@ -145,12 +159,12 @@ class Engine:
                     on_progress(Progress("denoise", i + 1, schedule.steps, latents))
         if bar:
             bar.close()
-        if not _finite(latents):
+        if index and not _finite(latents):
             raise NonFiniteOutputError(
                 f"the transformer produced NaN/inf in {self.dtype} (fp16 overflow?); no image was written. "
                 "Use --dtype bf16 (GPUs from Ampere on) or fp32."
             )
-        return latents
+        return latents, index
 
     def decode(self, latents):
         """(B, 16, h, w) -> (B, 3, H, W) float pixels in [0, 1]."""
@@ -163,27 +177,55 @@ class Engine:
     def generate(self, request: GenerateRequest, on_progress=None, cancel=None) -> GenerateResult:
         """Make every image of `request`. `on_progress(Progress)` is called at step boundaries; `cancel.is_set()`
         (e.g. a threading.Event) is checked there too and raises GenerationCancelled."""
+        result = self.generate_many([request], on_progress, [cancel] if cancel is not None else None)[0]
+        if result is None:
+            raise GenerationCancelled("the generation was cancelled")
+        return result
+
+    def generate_many(self, requests: list[GenerateRequest], on_progress=None, cancels=None) -> list:
+        """Run several requests as one batch (same width, height, steps and guidance). Each image is what it would
+        be alone: its own seed and caption. `cancels[j].is_set()` drops request j at the next step; its result is
+        None. Returns one GenerateResult (or None) per request."""
         from zimage.engine.decode import to_pil
+        from zimage.errors import UsageError
+
+        first = requests[0]
+        for r in requests[1:]:
+            if (r.width, r.height, r.steps, r.guidance) != (first.width, first.height, first.steps, first.guidance):
+                raise UsageError("requests batched together must share width, height, steps and guidance")
+        owner = [j for j, r in enumerate(requests) for _ in range(r.num_images)]  # request of each image
+        seeds = [s for r in requests for s in r.image_seeds()]
+        alive = None
+        if cancels is not None:
+            alive = lambda: [not (cancels[j] is not None and cancels[j].is_set()) for j in owner]  # noqa: E731
 
         timings = {}
         t0 = time.perf_counter()
-        cond, warnings = self.encode(request)
+        cond, warnings = self.encode(requests)
         for w in warnings:
             log.warning(w)
         timings["encode"] = self._lap(t0)
         if on_progress:
             on_progress(Progress("encode", 1, 1))
-        latents = self.denoise(cond, request, on_progress, cancel)
+        latents, index = self.denoise(cond, seeds, first, on_progress, alive)
         timings["denoise"] = self._lap(t0) - timings["encode"]
-        pixels = self.decode(latents)
-        images = to_pil(pixels)
+        images = to_pil(self.decode(latents)) if index else []
         timings["decode"] = self._lap(t0) - timings["encode"] - timings["denoise"]
         timings["total"] = time.perf_counter() - t0
         if on_progress:
             on_progress(Progress("decode", 1, 1))
-        return GenerateResult(
-            request, [GeneratedImage(im, self.metadata(request, i), i) for i, im in enumerate(images)], timings, warnings
-        )
+
+        by_image = dict(zip(index, images))
+        results, start = [], 0
+        for j, r in enumerate(requests):
+            rows = range(start, start + r.num_images)
+            start += r.num_images
+            if any(k not in by_image for k in rows):
+                results.append(None)
+                continue
+            mine = [GeneratedImage(by_image[k], self.metadata(r, k - rows.start), k - rows.start) for k in rows]
+            results.append(GenerateResult(r, mine, dict(timings), warnings))
+        return results
 
     def metadata(self, request: GenerateRequest, index: int) -> ImageMetadata:
         from zimage.engine.device import dtype_name

@@ -1,0 +1,3 @@
+from zimage.cli.main import main
+
+raise SystemExit(main())

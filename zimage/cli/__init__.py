@@ -1,0 +1,1 @@
+"""The `zimage` command: one module per subcommand, each with register(subparsers) and run(args) -> exit code."""

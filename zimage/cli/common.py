@@ -1,0 +1,27 @@
+"""Flags shared by subcommands that load a model."""
+
+from __future__ import annotations
+
+from zimage.engine.config import DTYPE_CHOICES, SPEED_CHOICES
+from zimage.weights.layout import DEFAULT_MODEL_ID
+
+
+def add_model_flags(p) -> None:
+    g = p.add_argument_group("model and device")
+    g.add_argument("--model", default=DEFAULT_MODEL_ID,
+                   help="folder in diffusers layout, a repo id looked up in the Hugging Face and ModelScope caches, "
+                        "or 'tiny-random' (a tiny random stand-in: images are noise) (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    g.add_argument("--dtype", default="auto",
+                   help=f"{' | '.join(DTYPE_CHOICES)}: auto is bf16 on GPUs that have it, fp16 on older GPUs, "
+                        "fp32 on CPU")
+    g.add_argument("--speed", default="auto", help=f"{' | '.join(SPEED_CHOICES)} (see README: Speed)")
+    g.add_argument("--vram-budget", type=float, default=None, metavar="GIB",
+                   help="GPU memory the plan may use (default: what is free, less a margin)")
+
+
+def engine_config(args, show_progress: bool = True):
+    from zimage.engine.config import EngineConfig
+
+    return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, speed=args.speed,
+                        vram_budget_gib=args.vram_budget, show_progress=show_progress)

@@ -1,0 +1,136 @@
+"""`zimage generate`: prompts in, PNGs out (each carrying how it was made). The model loads once for all prompts.
+
+Every input is validated and every output name planned before the model loads, so mistakes cost no waiting.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from zimage.cli.common import add_model_flags, engine_config
+from zimage.errors import UsageError
+from zimage.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, GenerateRequest
+from zimage.sizes import ASPECT_PRESETS, size_for_aspect
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="make images from prompts",
+                       description="Make images from a prompt, a prompts file, or the parameters stored in a PNG.")
+    src = p.add_argument_group("what to make")
+    src.add_argument("--prompt", "-p", help="the text to draw")
+    src.add_argument("--prompts-file", type=Path, metavar="FILE",
+                     help="one prompt a line, or JSONL with settings per line (keys: prompt, negative_prompt, width, "
+                          "height, aspect, steps, guidance, seed, n, output)")
+    src.add_argument("--from-png", type=Path, metavar="FILE", help="remake the image whose parameters FILE carries "
+                                                                   "(flags given here override them)")
+    src.add_argument("--negative-prompt", help="what to avoid (used when --guidance > 0)")
+    opt = p.add_argument_group("settings")
+    opt.add_argument("--width", type=int, help=f"pixels, multiple of 16, 256..2048 (default {DEFAULT_SIZE})")
+    opt.add_argument("--height", type=int, help=f"pixels, multiple of 16, 256..2048 (default {DEFAULT_SIZE})")
+    opt.add_argument("--aspect", help=f"a trained size preset: {', '.join(ASPECT_PRESETS)}")
+    opt.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULT_STEPS})")
+    opt.add_argument("--guidance", type=float, help=f"CFG scale; 0 turns CFG off (default {DEFAULT_GUIDANCE:g})")
+    opt.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
+    opt.add_argument("--n", type=int, help="images per prompt (default 1)")
+    out = p.add_argument_group("output")
+    out.add_argument("--output", "-o", default="./",
+                     help="a .png file (several images: NAME-1.png, NAME-2.png, ...) or a folder ending in / "
+                          "(default: current folder, names from prompt and seed)")
+    out.add_argument("--overwrite", action="store_true", help="replace existing files")
+    add_model_flags(p)
+    p.set_defaults(func=run)
+
+
+@dataclass
+class Job:
+    request: GenerateRequest
+    paths: list[Path]
+    label: str  # where it came from, for messages
+
+
+def _settings_from_png(path: Path) -> dict:
+    from zimage.io.png import read_metadata
+
+    m = read_metadata(path)
+    return dict(prompt=m.prompt, negative_prompt=m.negative_prompt, width=m.width, height=m.height, steps=m.steps,
+                guidance=m.guidance, seed=m.seed)
+
+
+def _request(settings: dict, where: str) -> GenerateRequest:
+    """Build a request from merged settings; size from aspect unless width/height are given."""
+    width, height = settings.get("width"), settings.get("height")
+    if settings.get("aspect") is not None:
+        if width is not None or height is not None:
+            raise UsageError(f"{where}: give either an aspect or a width/height, not both", param="aspect")
+        width, height = size_for_aspect(settings["aspect"])
+    try:
+        return GenerateRequest(
+            prompts=(settings.get("prompt") or "",),
+            negative_prompt=settings.get("negative_prompt") or "",
+            width=DEFAULT_SIZE if width is None else width,
+            height=DEFAULT_SIZE if height is None else height,
+            steps=DEFAULT_STEPS if settings.get("steps") is None else settings["steps"],
+            guidance=DEFAULT_GUIDANCE if settings.get("guidance") is None else settings["guidance"],
+            seed=settings.get("seed"),
+            n=1 if settings.get("n") is None else settings["n"],
+        )
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}" if where != "arguments" else str(e), param=e.param) from None
+
+
+def plan_jobs(args) -> list[Job]:
+    from zimage.io.output_names import OutputPlanner
+    from zimage.io.prompts_file import read_prompts_file
+
+    sources = [s for s in (args.prompt, args.prompts_file, args.from_png) if s is not None]
+    if len(sources) != 1:
+        raise UsageError("give exactly one of --prompt, --prompts-file, --from-png", param="prompt")
+    flags = {k: getattr(args, k) for k in ("negative_prompt", "width", "height", "aspect", "steps", "guidance",
+                                           "seed", "n")}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    planner = OutputPlanner(args.overwrite)
+    jobs = []
+    if args.prompts_file is not None:
+        for line in read_prompts_file(args.prompts_file):
+            where = f"{args.prompts_file}:{line.line}"
+            settings = {**flags, **line.settings}
+            if "aspect" in line.settings:
+                settings.pop("width", None), settings.pop("height", None)
+            req = _request(settings, where)
+            output = line.settings.get("output", args.output)
+            jobs.append(Job(req, planner.plan(output, req.image_prompts(), req.image_seeds()), where))
+        return jobs
+    base = _settings_from_png(args.from_png) if args.from_png is not None else {"prompt": args.prompt}
+    settings = {**base, **flags}
+    if "aspect" in flags:
+        settings.pop("width", None), settings.pop("height", None)
+    req = _request(settings, "arguments")
+    return [Job(req, planner.plan(args.output, req.image_prompts(), req.image_seeds()), "arguments")]
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from zimage.engine.engine import Engine
+    from zimage.io.png import save_png
+
+    jobs = plan_jobs(args)  # all validation before the model loads
+    engine = Engine.load(engine_config(args, show_progress=True))
+    if engine.location.source == "tiny":
+        print("note: --model tiny-random is a tiny randomly initialised stand-in; its images are noise. "
+              "Run `zimage download` for the real weights.", file=sys.stderr)
+    total = sum(j.request.num_images for j in jobs)
+    bar = tqdm(total=total, desc="images", unit="img", disable=total < 2)
+    for job in jobs:
+        result = engine.generate(job.request)
+        for img, path in zip(result.images, job.paths):
+            save_png(img.image, path, img.metadata, overwrite=args.overwrite)
+            print(path)
+        bar.update(len(result.images))
+        t = result.timings
+        bar.write(f"{len(result.images)} image(s) in {t['total']:.2f}s (encode {t['encode']:.2f}s, denoise "
+                  f"{t['denoise']:.2f}s, decode {t['decode']:.2f}s)", file=sys.stderr)
+    bar.close()
+    return 0

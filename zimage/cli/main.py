@@ -1,0 +1,46 @@
+"""`zimage` entry point: parse, dispatch, and turn zimage errors into a message and an exit code (no traceback).
+
+Exit codes: 0 ok, 1 runtime error (model missing, device absent, ...), 2 usage error (bad value), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from zimage.errors import ZImageError
+from zimage.version import __version__
+
+SUBCOMMANDS = ("generate", "info", "show", "download", "make_tiny")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="zimage",
+        description="Fast, memory-smart text-to-image with Z-Image-Turbo. Run `zimage COMMAND --help` for details.",
+    )
+    parser.add_argument("--version", action="version", version=f"zimage {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (loading, plans, timings)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"zimage.cli.{name}").register(sub)  # adds "make-tiny" etc.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    # Our own notes (loading summary, plans) at INFO; libraries stay at WARNING unless -v.
+    logging.getLogger("zimage").setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except ZImageError as e:
+        print(f"zimage: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("zimage: interrupted", file=sys.stderr)
+        return 130
