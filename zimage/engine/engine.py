@@ -43,6 +43,9 @@ class Engine:
         self.vae = vae
         self.policy = policy
         self.prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens, config.prompt_cache_size)
+        from zimage.speed.fast_transformer import FastTransformer
+
+        self.fast = FastTransformer(transformer)  # the step function; attention backend set by apply_speed
         self.speed = "eager"  # set by zimage.speed.apply_speed
         self.load_seconds = 0.0
 
@@ -132,6 +135,7 @@ class Engine:
         positive, negative = list(cond.positive), list(cond.negative)
         bar = _progress_bar(self.config.show_progress and shape.steps > 1, shape.steps, "denoising", unit="step")
         with torch.inference_mode():
+            ctx = self.fast.prepare(positive + negative, latents.shape[2], latents.shape[3])
             for i in range(schedule.steps):
                 if alive is not None:
                     keep = [k for k, ok in enumerate(alive()) if ok and k in index]
@@ -141,6 +145,8 @@ class Engine:
                         positive = [positive[r] for r in rows]
                         negative = [negative[r] for r in rows] if negative else []
                         index = keep
+                        if index:
+                            ctx = self.fast.prepare(positive + negative, latents.shape[2], latents.shape[3])
                     if not index:
                         break
                 batch = latents.shape[0]
@@ -148,8 +154,7 @@ class Engine:
                 if shape.cfg:
                     x = torch.cat([x, x])
                 t = schedule.timesteps[i].expand(x.shape[0])  # (B',)
-                out = self.transformer(list(x.unsqueeze(2).unbind(0)), t, positive + negative, return_dict=False)[0]
-                velocity = torch.stack(out).float().squeeze(2)  # (B', C, h, w)
+                velocity = self.fast.forward(x, t, ctx).float()  # (B', C, h, w)
                 if shape.cfg:
                     velocity = cfg_combine(velocity[:batch], velocity[batch:], shape.guidance)
                 latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])

@@ -1,0 +1,141 @@
+"""The transformer forward of text-to-image, restructured for speed; the same function as diffusers'
+ZImageTransformer2DModel.forward (basic mode), built from its own modules.
+
+What is moved out of the step loop (all of it depends on captions and image size only, not on x or t):
+- caption embedding and the 2 context-refiner blocks (they have no timestep modulation);
+- padding, pad tokens, position ids and RoPE tables (as real cos/sin, see zimage.speed.rope);
+- attention masks (None when every sequence of the batch has the same length, the usual case).
+Per step remain: timestep embedding, patchify + x embedding, 2 noise-refiner blocks, 30 joint blocks, final layer,
+unpatchify. Shapes: B images, C=16 latent channels, latent h x w, p=2 patch, N = (h/2)(w/2) image tokens padded
+to a multiple of 32 (Nx), caption lengths L_i padded to multiples of 32 (Lc_i), D = 3840 model width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SEQ_MULTI_OF = 32  # diffusers' Z-Image pads every sequence to a multiple of this
+
+
+def _pad_len(n: int) -> int:
+    return (-n) % SEQ_MULTI_OF
+
+
+@dataclass
+class StepContext:
+    """Per-request tensors shared by every step."""
+
+    cap: object  # (B, Lc_max, D) refined caption features (rows past Lc_i are padding)
+    cap_lens: list[int]  # Lc_i
+    x_freqs: object  # (B, Nx, D/2/..., 2) real RoPE table of the image tokens (same for every image)
+    unified_freqs: object  # (B, Nx + Lc_max, ., 2)
+    unified_mask: object  # (B, Nx + Lc_max) bool, or None when all Lc_i are equal
+    grid: tuple[int, int]  # (h/2, w/2) image tokens per side
+    n_tokens: int  # N = product of grid, before padding
+
+
+class FastTransformer:
+    """Wraps a loaded ZImageTransformer2DModel; `prepare` once per request, `forward` once per step."""
+
+    def __init__(self, model, attention_backend: str = "native"):
+        self.model = model
+        self.set_attention_backend(attention_backend)
+        self.patch = 2  # all_patch_size (2,), f_patch_size (1,) in every published config
+        self.embed_x = model.all_x_embedder["2-1"]
+        self.final = model.all_final_layer["2-1"]
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Install the real-RoPE processor with `backend` on every block (they expect real RoPE tables)."""
+        from zimage.speed.attention import RealRopeAttnProcessor
+
+        self.attention_backend = backend
+        processor = RealRopeAttnProcessor(backend)
+        for block in self.blocks():
+            block.attention.set_processor(processor)
+
+    def blocks(self):
+        m = self.model
+        return list(m.noise_refiner) + list(m.context_refiner) + list(m.layers)
+
+    # ---------------------------------------------------------------- once per request
+    def _rope(self, ids):
+        """ids (L, 3) int -> real RoPE table (L, head_dim/2, 2) fp32."""
+        from zimage.speed.rope import real_freqs
+
+        return real_freqs(self.model.rope_embedder(ids))
+
+    def _grid_ids(self, f, h, w, start, device):
+        return self.model.create_coordinate_grid(size=(f, h, w), start=start, device=device).flatten(0, 2)
+
+    def prepare(self, captions: list, height: int, width: int):
+        """captions: B tensors (L_i, cap_dim); height/width: latent size (h, w). Returns a StepContext."""
+        import torch
+        from torch.nn.utils.rnn import pad_sequence
+
+        m = self.model
+        device = captions[0].device
+        gh, gw = height // self.patch, width // self.patch
+        n = gh * gw
+        nx = n + _pad_len(n)
+        cap_feats, cap_freqs, cap_pad, x_freqs, lens = [], [], [], [], []
+        for cap in captions:
+            length = len(cap)
+            lc = length + _pad_len(length)
+            # caption rows past L_i repeat the last row (then become the pad token); positions 1..Lc
+            cap_feats.append(torch.cat([cap, cap[-1:].repeat(lc - length, 1)]) if lc > length else cap)
+            cap_pad.append(torch.arange(lc, device=device) >= length)
+            cap_freqs.append(self._rope(self._grid_ids(lc, 1, 1, (1, 0, 0), device)))
+            # image tokens start after the caption positions; padding tokens sit at position (0, 0, 0)
+            ids = self._grid_ids(1, gh, gw, (lc + 1, 0, 0), device)
+            if nx > n:
+                ids = torch.cat([ids, torch.zeros(nx - n, 3, dtype=ids.dtype, device=device)])
+            x_freqs.append(self._rope(ids))
+            lens.append(lc)
+        # caption embed + refine, once (no timestep input in these blocks)
+        feats = m.cap_embedder(torch.cat(cap_feats))
+        pad = torch.cat(cap_pad).unsqueeze(-1)
+        feats = torch.where(pad, m.cap_pad_token.to(feats.dtype), feats)
+        cap = pad_sequence(list(feats.split(lens)), batch_first=True)  # (B, Lc_max, D)
+        freqs_c = pad_sequence(cap_freqs, batch_first=True)
+        uniform = len(set(lens)) == 1
+        cap_mask = None if uniform else torch.stack(
+            [torch.arange(max(lens), device=device) < lc for lc in lens])
+        for block in m.context_refiner:
+            cap = block(cap, cap_mask, freqs_c)
+        x_freqs_t = pad_sequence(x_freqs, batch_first=True)  # (B, Nx, ., 2)
+        unified = pad_sequence([torch.cat([xf, cf[:lc]]) for xf, cf, lc in zip(x_freqs, cap_freqs, lens)],
+                               batch_first=True)
+        unified_mask = None if uniform else torch.stack(
+            [torch.arange(nx + max(lens), device=device) < nx + lc for lc in lens])
+        return StepContext(cap, lens, x_freqs_t, unified, unified_mask, (gh, gw), n)
+
+    # ---------------------------------------------------------------- once per step
+    def forward(self, x, t, ctx: StepContext):
+        """x (B, C, h, w) in the model dtype, t (B,) in [0, 1] -> velocity (B, C, h, w) in the model dtype."""
+        import torch
+
+        m, p = self.model, self.patch
+        B, C, h, w = x.shape
+        gh, gw = ctx.grid
+        adaln = m.t_embedder(t * m.t_scale).type_as(x)  # (B, 256)
+        # patchify: (B, C, gh, p, gw, p) -> (B, gh*gw, p*p*C), token order h-major as the reference
+        tokens = x.view(B, C, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(B, gh * gw, p * p * C)
+        tokens = self.embed_x(tokens)  # (B, N, D)
+        nx = ctx.x_freqs.shape[1]
+        if nx > ctx.n_tokens:  # pad rows repeat the last token, then become the pad token
+            pad = m.x_pad_token.to(tokens.dtype).expand(B, nx - ctx.n_tokens, -1)
+            tokens = torch.cat([tokens, pad], dim=1)
+        for block in m.noise_refiner:
+            tokens = block(tokens, None, ctx.x_freqs, adaln)
+        if ctx.unified_mask is None:
+            unified = torch.cat([tokens, ctx.cap], dim=1)  # (B, Nx + Lc, D)
+        else:
+            unified = tokens.new_zeros(B, ctx.unified_mask.shape[1], tokens.shape[-1])
+            unified[:, :nx] = tokens
+            for i, lc in enumerate(ctx.cap_lens):
+                unified[i, nx:nx + lc] = ctx.cap[i, :lc]
+        for block in m.layers:
+            unified = block(unified, ctx.unified_mask, ctx.unified_freqs, adaln)
+        out = self.final(unified[:, :ctx.n_tokens], c=adaln)  # (B, N, p*p*C)
+        # unpatchify: (B, gh, gw, p, p, C) -> (B, C, h, w)
+        return out.view(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, h, w)

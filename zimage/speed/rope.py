@@ -1,0 +1,27 @@
+"""Rotary embeddings in real arithmetic.
+
+diffusers' Z-Image applies RoPE as a complex product (view_as_complex(x) * freqs_cis), which inductor cannot
+generate code for ("does not support code generation for complex operators") and falls back to eager around.
+The same product in real form: for each pair (a, b) of a head dimension and (cos, sin) of its angle,
+(a + ib)(c + is) = (a c - b s) + i (a s + b c). Computed in fp32, as the reference does.
+"""
+
+from __future__ import annotations
+
+
+def real_freqs(freqs_cis):
+    """complex (..., D/2) -> real (..., D/2, 2) holding (cos, sin)."""
+    import torch
+
+    return torch.view_as_real(freqs_cis).contiguous()
+
+
+def apply_rope(x, freqs):
+    """x (B, L, H, D) any float dtype; freqs (B, L, D/2, 2) fp32 -> (B, L, H, D) in x's dtype."""
+    import torch
+
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, L, H, D/2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    cos, sin = freqs[..., 0].unsqueeze(2), freqs[..., 1].unsqueeze(2)  # (B, L, 1, D/2)
+    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return out.flatten(3).type_as(x)
