@@ -20,8 +20,9 @@ def add_model_flags(p) -> None:
                    help="GPU memory the plan may use (default: what is free, less a margin)")
 
 
-def engine_config(args, show_progress: bool = True):
+def engine_config(args, show_progress: bool = True, expected_images: int | None = None):
     from zimage.engine.config import EngineConfig
 
     return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, speed=args.speed,
-                        vram_budget_gib=args.vram_budget, show_progress=show_progress)
+                        vram_budget_gib=args.vram_budget, show_progress=show_progress,
+                        expected_images=expected_images)

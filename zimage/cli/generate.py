@@ -61,11 +61,11 @@ def _settings_from_png(path: Path) -> dict:
 def _request(settings: dict, where: str) -> GenerateRequest:
     """Build a request from merged settings; size from aspect unless width/height are given."""
     width, height = settings.get("width"), settings.get("height")
-    if settings.get("aspect") is not None:
-        if width is not None or height is not None:
-            raise UsageError(f"{where}: give either an aspect or a width/height, not both", param="aspect")
-        width, height = size_for_aspect(settings["aspect"])
     try:
+        if settings.get("aspect") is not None:
+            if width is not None or height is not None:
+                raise UsageError("give either an aspect or a width/height, not both", param="aspect")
+            width, height = size_for_aspect(settings["aspect"])
         return GenerateRequest(
             prompts=(settings.get("prompt") or "",),
             negative_prompt=settings.get("negative_prompt") or "",
@@ -90,21 +90,27 @@ def plan_jobs(args) -> list[Job]:
     flags = {k: getattr(args, k) for k in ("negative_prompt", "width", "height", "aspect", "steps", "guidance",
                                            "seed", "n")}
     flags = {k: v for k, v in flags.items() if v is not None}
+    if "aspect" in flags and ("width" in flags or "height" in flags):
+        raise UsageError("give either --aspect or --width/--height, not both", param="aspect")
     planner = OutputPlanner(args.overwrite)
     jobs = []
     if args.prompts_file is not None:
         for line in read_prompts_file(args.prompts_file):
             where = f"{args.prompts_file}:{line.line}"
             settings = {**flags, **line.settings}
-            if "aspect" in line.settings:
-                settings.pop("width", None), settings.pop("height", None)
+            if "aspect" in line.settings:  # the line's aspect replaces the flags' size (a line's own size: error)
+                for k in ("width", "height"):
+                    if k not in line.settings:
+                        settings.pop(k, None)
+            elif "width" in line.settings or "height" in line.settings:
+                settings.pop("aspect", None)  # the line's own size replaces the flags' --aspect
             req = _request(settings, where)
             output = line.settings.get("output", args.output)
             jobs.append(Job(req, planner.plan(output, req.image_prompts(), req.image_seeds()), where))
         return jobs
     base = _settings_from_png(args.from_png) if args.from_png is not None else {"prompt": args.prompt}
     settings = {**base, **flags}
-    if "aspect" in flags:
+    if "aspect" in flags:  # --aspect replaces the PNG's size
         settings.pop("width", None), settings.pop("height", None)
     req = _request(settings, "arguments")
     return [Job(req, planner.plan(args.output, req.image_prompts(), req.image_seeds()), "arguments")]
@@ -117,11 +123,11 @@ def run(args) -> int:
     from zimage.io.png import save_png
 
     jobs = plan_jobs(args)  # all validation before the model loads
-    engine = Engine.load(engine_config(args, show_progress=True))
+    total = sum(j.request.num_images for j in jobs)
+    engine = Engine.load(engine_config(args, show_progress=True, expected_images=total))
     if engine.location.source == "tiny":
         print("note: --model tiny-random is a tiny randomly initialised stand-in; its images are noise. "
               "Run `zimage download` for the real weights.", file=sys.stderr)
-    total = sum(j.request.num_images for j in jobs)
     bar = tqdm(total=total, desc="images", unit="img", disable=total < 2)
     for job in jobs:
         result = engine.generate(job.request)

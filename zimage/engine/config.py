@@ -16,7 +16,8 @@ class EngineConfig:
     model: str = DEFAULT_MODEL_ID  # folder, repo id (looked up in the HF / ModelScope caches) or "tiny-random"
     device: str = "auto"  # auto: cuda if present, else mps, else cpu
     dtype: str = "auto"  # auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU
-    speed: str = "auto"  # auto | eager | compile: see zimage.speed (auto picks per device, measured)
+    speed: str = "auto"  # auto | eager | compile: see zimage.speed.apply (auto picks per device, measured)
+    expected_images: int | None = None  # how many images this process will make (None: many, e.g. a server)
     vram_budget_gib: float | None = None  # memory plan budget; None: free VRAM less a margin (zimage.memory)
     max_text_tokens: int = 512  # the text encoder reads at most this many tokens per prompt (model limit)
     prompt_cache_size: int = 32  # prompt embeddings kept, so a repeated prompt skips the text encoder

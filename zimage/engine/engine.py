@@ -96,7 +96,7 @@ class Engine:
             install_fp16_guard(transformer)
         engine = cls(config, location, device, dtype, tokenizer, scheduler, transformer, text_encoder, vae, policy)
         policy.place(Parts(transformer, text_encoder, vae, device))
-        engine.speed = apply_speed(engine, config.speed)
+        engine.speed = apply_speed(engine, config.speed, config.expected_images)
         engine.load_seconds = time.perf_counter() - t0
         log.info("loaded %s from %s in %.1fs (%s, %s, plan %s, speed %s)", location.model_id, location.path,
                  engine.load_seconds, device, dtype, policy.describe(), engine.speed)
@@ -190,7 +190,13 @@ class Engine:
     def generate_many(self, requests: list[GenerateRequest], on_progress=None, cancels=None) -> list:
         """Run several requests as one batch (same width, height, steps and guidance). Each image is what it would
         be alone: its own seed and caption. `cancels[j].is_set()` drops request j at the next step; its result is
-        None. Returns one GenerateResult (or None) per request."""
+        None. Returns one GenerateResult (or None) per request. A GPU out-of-memory switches to a leaner memory plan
+        and retries once (zimage.memory.oom), with a note in each result's warnings."""
+        from zimage.memory.oom import run_with_recovery
+
+        return run_with_recovery(self, requests, lambda: self._generate_many(requests, on_progress, cancels))
+
+    def _generate_many(self, requests: list[GenerateRequest], on_progress=None, cancels=None) -> list:
         from zimage.engine.decode import to_pil
         from zimage.errors import UsageError
 

@@ -1,12 +1,68 @@
-"""Applying a speed mode to an engine."""
+"""Speed modes, applied to a loaded engine. Each lever is switchable and measured (benchmarks/bench_speed.py).
+
+- eager:   the fast step function (zimage.speed.fast_transformer) with the best attention kernel for the GPU.
+- compile: eager + every transformer block compiled by inductor (regional compilation: one graph per block kind,
+           reused by all 30 joint blocks), compiled artifacts kept on disk (zimage cache) so that a second process
+           loads them instead of compiling; cuDNN autotuning for the VAE's convolutions.
+- auto:    compile on CUDA when the entrypoint will make many images (a server, a long prompts file); eager
+           otherwise, so a one-image CLI run never pays for compilation (see README: Speed, for the figures).
+"""
 
 from __future__ import annotations
+
+import logging
+import os
 
 from zimage.engine.config import SPEED_CHOICES
 from zimage.errors import UsageError
 
+log = logging.getLogger("zimage")
 
-def apply_speed(engine, mode: str) -> str:
+# Images after which compiling pays for itself in one process; from BENCHMARKS.md (compile cost with a warm
+# on-disk cache divided by the per-image saving). Refreshed when the benchmark is.
+COMPILE_BREAK_EVEN_IMAGES = 8
+
+
+def resolve_speed(mode: str, device, expected_images: int | None) -> str:
+    """The concrete mode ('eager' | 'compile') for `mode` on `device`; expected_images None means 'many'."""
     if mode not in SPEED_CHOICES:
         raise UsageError(f"unknown speed mode {mode!r}; choose one of {', '.join(SPEED_CHOICES)}", param="speed")
-    return "eager"
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "eager"  # inductor's CPU code is not worth its compile time for a 6B model on a CPU
+    if expected_images is not None and expected_images < COMPILE_BREAK_EVEN_IMAGES:
+        return "eager"
+    return "compile"
+
+
+def compile_cache_dir() -> str:
+    from zimage.weights.locate import zimage_cache
+
+    return str(zimage_cache() / "inductor")
+
+
+def apply_speed(engine, mode: str, expected_images: int | None = None) -> str:
+    """Configure `engine` for `mode`; returns the concrete mode applied."""
+    from zimage.speed.attention import choose_attention_backend
+
+    concrete = resolve_speed(mode, engine.device, expected_images)
+    engine.fast.set_attention_backend(choose_attention_backend(engine.device))
+    if concrete == "compile":
+        compile_blocks(engine)
+    return concrete
+
+
+def compile_blocks(engine) -> None:
+    import torch
+
+    # Inductor reads its cache location when it first compiles; keep ours unless the user chose one.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir())
+    # Sizes and caption lengths vary between requests: allow a graph per shape before going dynamic.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in engine.fast.blocks():
+        block.compile(fullgraph=True)
+    if engine.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # VAE convolutions: pick the fastest algorithm per shape, once
+    log.info("transformer blocks compiled (first image of each new size compiles; cache: %s)",
+             os.environ["TORCHINDUCTOR_CACHE_DIR"])

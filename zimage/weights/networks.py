@@ -40,13 +40,25 @@ def _read_config(folder: Path, component: WeightComponent) -> dict:
         raise ModelFolderError(f"{path} is not valid JSON: {e}") from None
 
 
-def build_transformer(folder: Path) -> MetaNetwork:
+def _construct(folder: Path, component: WeightComponent, build: Callable[[], object]):
+    """Build a network on the meta device; a config its class rejects is a damaged folder, reported by name."""
     import torch
+
+    try:
+        with torch.device("meta"):
+            return build()
+    except (AssertionError, ValueError, TypeError, KeyError, ZeroDivisionError) as e:
+        path = folder / component.name / component.config_file
+        raise ModelFolderError(
+            f"{path} does not describe a valid {component.name}: {type(e).__name__} {e}".rstrip()
+        ) from None
+
+
+def build_transformer(folder: Path) -> MetaNetwork:
     from diffusers import ZImageTransformer2DModel
 
     config = _read_config(folder, TRANSFORMER)
-    with torch.device("meta"):
-        module = ZImageTransformer2DModel.from_config(config)
+    module = _construct(folder, TRANSFORMER, lambda: ZImageTransformer2DModel.from_config(config))
     return MetaNetwork(TRANSFORMER, module, lambda name: name, config)
 
 
@@ -55,13 +67,12 @@ def build_text_encoder(folder: Path) -> MetaNetwork:
     from transformers import Qwen3Config, Qwen3Model
 
     config = _read_config(folder, TEXT_ENCODER)
-    qconfig = Qwen3Config.from_dict(config)
+    qconfig = _construct(folder, TEXT_ENCODER, lambda: Qwen3Config.from_dict(config))
     num_layers = qconfig.num_hidden_layers
     if num_layers < 2:
         raise ModelFolderError(f"text_encoder/config.json has num_hidden_layers={num_layers}; at least 2 are needed")
     qconfig.num_hidden_layers = num_layers - 1  # hidden_states[-2] == output of layer L-2
-    with torch.device("meta"):
-        module = Qwen3Model(qconfig)
+    module = _construct(folder, TEXT_ENCODER, lambda: Qwen3Model(qconfig))
     module.norm = torch.nn.Identity()  # last_hidden_state is now the un-normed output of layer L-2
     skipped_layer = re.compile(rf"^layers\.{num_layers - 1}\.")
 
@@ -80,8 +91,7 @@ def build_vae_decoder(folder: Path) -> MetaNetwork:
     from diffusers import AutoencoderKL
 
     config = _read_config(folder, VAE)
-    with torch.device("meta"):
-        module = AutoencoderKL.from_config(config)
+    module = _construct(folder, VAE, lambda: AutoencoderKL.from_config(config))
     module.encoder = None
     module.quant_conv = None
 

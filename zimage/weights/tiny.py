@@ -108,7 +108,7 @@ def build_model_folder(folder: Path, full_size: bool = False, seed: int = 0, dev
         "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Qwen3Model"],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"] if not full_size else ["transformers", "Qwen2Tokenizer"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],  # ours is a small byte-level BPE
         "transformer": ["diffusers", "ZImageTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }, indent=2))

@@ -1,0 +1,77 @@
+"""Shared fixtures: one tiny model folder per session, an fp32 CPU engine on it, and diffusers' reference pipeline.
+
+Environment isolation: ZIMAGE_CACHE points at a session tmp dir (so `--model tiny-random` builds there), and every
+test gets empty, private HF_HOME / HF_HUB_CACHE / MODELSCOPE_CACHE (no test can see or fill the user's caches),
+with HF_HUB_OFFLINE=1 so nothing can be fetched by accident.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A tiny random Z-Image folder in the published layout, built once. Treat as read-only (copy to modify)."""
+    from zimage.weights.tiny import build_model_folder
+
+    return build_model_folder(tmp_path_factory.mktemp("tiny") / "Z-Image-Tiny")
+
+
+@pytest.fixture(scope="session")
+def zimage_cache_dir(tmp_path_factory, tiny_folder) -> Path:
+    """ZIMAGE_CACHE for the session, with tiny-random pre-placed (a copy of tiny_folder: no second build)."""
+    from zimage.weights.tiny import TINY_VERSION
+
+    cache = tmp_path_factory.mktemp("zimage-cache")
+    shutil.copytree(tiny_folder, cache / f"tiny-random-v{TINY_VERSION}")
+    return cache
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path_factory, zimage_cache_dir):
+    """Every test: private empty caches, offline, zimage's cache pointing at the session's tiny-random."""
+    root = tmp_path_factory.mktemp("env")
+    monkeypatch.setenv("ZIMAGE_CACHE", str(zimage_cache_dir))
+    monkeypatch.setenv("HF_HOME", str(root / "hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(root / "modelscope"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def model_copy(tiny_folder, tmp_path) -> Path:
+    """A private, modifiable copy of the tiny folder."""
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_folder, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_folder):
+    """An fp32 CPU engine on the tiny folder, loaded once. Tests must not change its state (cache aside)."""
+    from zimage.engine.config import EngineConfig
+    from zimage.engine.engine import Engine
+
+    return Engine.load(EngineConfig(model=str(tiny_folder), device="cpu", dtype="fp32", speed="eager"))
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(tiny_folder):
+    """diffusers' ZImagePipeline on the same folder, fp32 on CPU: the reference for parity."""
+    import torch
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_folder), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pytest_configure(config):
+    # Keep test runs single-threaded-ish and quiet on 2-core CI machines.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,504 @@
+"""The `zimage` CLI, in-process through zimage.cli.main.main (fast) and, a few times, as a real subprocess.
+
+Every bad input of issue 2's list: exit code 2 (usage) or 1 (runtime), a message naming the value, no file left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zimage.cli.main import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "tiny-random", "--device", "cpu", "--width", "256", "--height", "256", "--steps", "2"]
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    rc = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def count_loads(monkeypatch):
+    """Counts Engine.load calls (still loading for real)."""
+    from zimage.engine.engine import Engine
+
+    calls = []
+    real = Engine.load.__func__
+
+    def load(cls, *a, **k):
+        calls.append(a)
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(Engine, "load", classmethod(load))
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------ good runs
+def test_generate_writes_png_with_both_metadata_chunks(capsys, out):
+    target = out / "cat.png"
+    rc, stdout, stderr = cli(capsys, "generate", "-p", "a cat in the snow", *FAST, "--seed", "42", "-o", target)
+    assert rc == 0, stderr
+    assert stdout.strip() == str(target)
+    assert "tiny randomly initialised" in stderr and "noise" in stderr  # the CLI says so
+    with Image.open(target) as im:
+        assert im.format == "PNG" and im.size == (256, 256) and im.mode == "RGB"
+        text = dict(im.text)
+    assert text["parameters"].splitlines() == [
+        "a cat in the snow",
+        "Steps: 2, Sampler: Euler (flow matching), CFG scale: 0, Seed: 42, Size: 256x256, Model: tiny-random, "
+        f"Version: zimage {__import__('zimage').__version__}",
+    ]
+    record = json.loads(text["zimage"])
+    assert record == {
+        "prompt": "a cat in the snow", "negative_prompt": "", "seed": 42, "steps": 2, "guidance": 0.0,
+        "width": 256, "height": 256, "model": "tiny-random", "model_revision": None, "dtype": "fp32",
+        "sampler": "Euler (flow matching)", "zimage_version": __import__("zimage").__version__,
+    }
+    assert pixels(target).std() > 1  # an image, not a flat colour
+    assert files_in(out) == ["cat.png"]  # no temp files left
+
+
+def test_negative_prompt_and_guidance_recorded(capsys, out):
+    target = out / "cfg.png"
+    rc, _, err = cli(capsys, "generate", "-p", "a dog", "--negative-prompt", "blurry", "--guidance", "2.5", *FAST,
+                     "--seed", "3", "-o", target)
+    assert rc == 0, err
+    with Image.open(target) as im:
+        params = im.text["parameters"]
+    assert params.splitlines()[1] == "Negative prompt: blurry"
+    assert "CFG scale: 2.5" in params
+
+
+def test_show_prints_parameters(capsys, out):
+    target = out / "x.png"
+    assert cli(capsys, "generate", "-p", "a red fox", *FAST, "--seed", "9", "-o", target)[0] == 0
+    rc, stdout, _ = cli(capsys, "show", target)
+    assert rc == 0
+    assert stdout.startswith("a red fox\nSteps: 2, ") and "Seed: 9" in stdout
+    rc, stdout, _ = cli(capsys, "show", "--json", target)
+    assert rc == 0 and json.loads(stdout)["seed"] == 9 and json.loads(stdout)["prompt"] == "a red fox"
+
+
+def test_from_png_remakes_the_same_pixels(capsys, out):
+    first, again, other = out / "first.png", out / "again.png", out / "other.png"
+    assert cli(capsys, "generate", "-p", "a lighthouse", *FAST, "--seed", "123", "--width", "256", "--height", "320",
+               "-o", first)[0] == 0
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--model", "tiny-random", "--device", "cpu", "-o", again)
+    assert rc == 0, err
+    assert pixels(again).shape == (320, 256, 3)
+    assert np.array_equal(pixels(first), pixels(again))
+    # flags override what the PNG says
+    assert cli(capsys, "generate", "--from-png", first, "--seed", "124", "--model", "tiny-random", "--device", "cpu",
+               "-o", other)[0] == 0
+    assert not np.array_equal(pixels(first), pixels(other))
+    with Image.open(other) as im:
+        assert json.loads(im.text["zimage"])["seed"] == 124
+
+
+def test_several_images_get_numbered_names(capsys, out):
+    target = out / "name.png"
+    rc, stdout, err = cli(capsys, "generate", "-p", "a bird", *FAST, "--seed", "5", "--n", "2", "-o", target)
+    assert rc == 0, err
+    assert files_in(out) == ["name-1.png", "name-2.png"]
+    assert stdout.split() == [str(out / "name-1.png"), str(out / "name-2.png")]
+    seeds = [json.loads(Image.open(out / f"name-{i}.png").text["zimage"])["seed"] for i in (1, 2)]
+    assert seeds == [5, 6]
+
+
+def test_folder_output_and_no_overwrite_of_automatic_names(capsys, tmp_path):
+    folder = tmp_path / "new" / "folder"
+    rc, _, err = cli(capsys, "generate", "-p", "A Cat, in snow!", *FAST, "--seed", "7", "-o", f"{folder}/")
+    assert rc == 0, err
+    assert files_in(folder) == ["a-cat-in-snow-7.png"]
+    before = (folder / "a-cat-in-snow-7.png").read_bytes()
+    assert cli(capsys, "generate", "-p", "A Cat, in snow!", *FAST, "--seed", "7", "--guidance", "1", "-o",
+               f"{folder}/")[0] == 0
+    assert files_in(folder) == ["a-cat-in-snow-7-1.png", "a-cat-in-snow-7.png"]
+    assert (folder / "a-cat-in-snow-7.png").read_bytes() == before
+
+
+def test_existing_folder_without_trailing_slash_is_a_folder(capsys, out):
+    assert cli(capsys, "generate", "-p", "tree", *FAST, "--seed", "1", "-o", out)[0] == 0
+    assert files_in(out) == ["tree-1.png"]
+
+
+def test_default_output_is_the_current_folder(capsys, out, monkeypatch):
+    monkeypatch.chdir(out)
+    assert cli(capsys, "generate", "-p", "sea", *FAST, "--seed", "2")[0] == 0
+    assert files_in(out) == ["sea-2.png"]
+
+
+def test_overwrite(capsys, out):
+    target = out / "img.png"
+    assert cli(capsys, "generate", "-p", "a house", *FAST, "--seed", "1", "-o", target)[0] == 0
+    before = target.read_bytes()
+    rc, _, err = cli(capsys, "generate", "-p", "a house", *FAST, "--seed", "2", "-o", target)
+    assert rc == 2
+    assert f"{target} exists; pass --overwrite" in err
+    assert target.read_bytes() == before and files_in(out) == ["img.png"]
+    rc, _, err = cli(capsys, "generate", "-p", "a house", *FAST, "--seed", "2", "-o", target, "--overwrite")
+    assert rc == 0, err
+    assert target.read_bytes() != before
+    assert json.loads(Image.open(target).text["zimage"])["seed"] == 2
+    assert files_in(out) == ["img.png"]
+
+
+def test_prompts_file_text_loads_model_once(capsys, out, tmp_path, count_loads):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a cat\n\n# a comment line\n  a dog  \nred car\n")
+    rc, stdout, err = cli(capsys, "generate", "--prompts-file", pf, *FAST, "--seed", "11", "-o", f"{out}/")
+    assert rc == 0, err
+    assert len(count_loads) == 1
+    assert files_in(out) == ["a-cat-11.png", "a-dog-11.png", "red-car-11.png"]
+    assert json.loads(Image.open(out / "a-dog-11.png").text["zimage"])["prompt"] == "a dog"
+    assert len(stdout.split()) == 3
+
+
+def test_prompts_file_jsonl_per_line_settings(capsys, out, tmp_path, count_loads):
+    pf = tmp_path / "jobs.jsonl"
+    lines = [
+        {"prompt": "a cat", "seed": 5, "steps": 1, "width": 256, "height": 320, "output": str(out / "cat.png")},
+        {"prompt": "a dog", "negative_prompt": "ugly", "guidance": 2.0, "n": 2, "output": str(out / "dog.png")},
+        {"prompt": "a cow"},
+    ]
+    pf.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    rc, _, err = cli(capsys, "generate", "--prompts-file", pf, *FAST, "--seed", "20", "-o", f"{out}/")
+    assert rc == 0, err
+    assert len(count_loads) == 1
+    assert files_in(out) == ["a-cow-20.png", "cat.png", "dog-1.png", "dog-2.png"]
+    meta = {name: json.loads(Image.open(out / name).text["zimage"]) for name in files_in(out)}
+    assert (meta["cat.png"]["seed"], meta["cat.png"]["steps"], meta["cat.png"]["width"], meta["cat.png"]["height"]) \
+        == (5, 1, 256, 320)
+    assert Image.open(out / "cat.png").size == (256, 320)
+    assert [meta[f"dog-{i}.png"]["seed"] for i in (1, 2)] == [20, 21]
+    assert meta["dog-1.png"]["negative_prompt"] == "ugly" and meta["dog-1.png"]["guidance"] == 2.0
+    assert meta["a-cow-20.png"]["steps"] == 2 and meta["a-cow-20.png"]["guidance"] == 0.0  # flags as defaults
+
+
+def test_prompts_file_aspect_per_line_overrides_flag_size(tmp_path):
+    """Planning only (no generation at 1 MP): a line's aspect replaces the flags' width/height, and a line's
+    width/height replace the flags' aspect."""
+    from zimage.cli.generate import plan_jobs
+    from zimage.cli.main import build_parser
+
+    pf = tmp_path / "jobs.jsonl"
+    pf.write_text('{"prompt": "wide", "aspect": "16:9"}\n{"prompt": "small", "width": 256, "height": 512}\n')
+    args = build_parser().parse_args(["generate", "--prompts-file", str(pf), "--width", "512", "--height", "512",
+                                      "-o", f"{tmp_path}/"])
+    jobs = plan_jobs(args)
+    assert [(j.request.width, j.request.height) for j in jobs] == [(1280, 720), (256, 512)]
+    args = build_parser().parse_args(["generate", "--prompts-file", str(pf), "--aspect", "3:4", "-o", f"{tmp_path}/"])
+    jobs = plan_jobs(args)
+    assert [(j.request.width, j.request.height) for j in jobs] == [(1280, 720), (256, 512)]
+
+
+def test_aspect_flag_sets_the_size():
+    from zimage.cli.generate import plan_jobs
+    from zimage.cli.main import build_parser
+
+    args = build_parser().parse_args(["generate", "-p", "x", "--aspect", "9:16", "-o", "/tmp/"])
+    assert (plan_jobs(args)[0].request.width, plan_jobs(args)[0].request.height) == (720, 1280)
+
+
+def test_info(capsys):
+    rc, stdout, _ = cli(capsys, "info", "--model", "tiny-random", "--device", "cpu")
+    assert rc == 0
+    assert "torch " in stdout and "no CUDA GPU visible" in stdout
+    assert "would run on cpu in fp32" in stdout
+    assert "model: tiny-random (tiny) at " in stdout
+    for name in ("transformer", "text_encoder", "vae"):
+        assert f"  {name}: " in stdout
+    assert "memory plan: " in stdout
+
+
+def test_info_model_not_found(capsys, tmp_path):
+    rc, stdout, _ = cli(capsys, "info", "--model", "Nobody/Nothing", "--device", "cpu")
+    assert rc == 1
+    assert "model: NOT FOUND" in stdout and "models--Nobody--Nothing" in stdout and "zimage download" in stdout
+
+
+def test_make_tiny(capsys, tmp_path):
+    from safetensors import safe_open
+
+    from zimage.weights.check import check_model_folder
+
+    folder = tmp_path / "tiny"
+    rc, stdout, _ = cli(capsys, "make-tiny", folder)
+    assert rc == 0 and stdout.strip() == str(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer", "vae"]
+    t_shards = sorted((folder / "transformer").glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(t_shards) >= 2 and (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    with safe_open(str(t_shards[0]), "pt") as f:
+        assert f.get_slice(next(iter(f.keys()))).get_dtype() == "F32"
+    te = sorted((folder / "text_encoder").glob("model-*.safetensors"))
+    with safe_open(str(te[0]), "pt") as f:
+        assert f.get_slice(next(iter(f.keys()))).get_dtype() == "BF16"
+    assert "chat_template" in (folder / "tokenizer" / "tokenizer_config.json").read_text() or \
+        (folder / "tokenizer" / "chat_template.jinja").is_file()
+    check_model_folder(folder)
+    rc, _, err = cli(capsys, "make-tiny", folder)  # not into a non-empty folder
+    assert rc == 2 and f"{folder} exists and is not empty" in err
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def bad(capsys, out: Path, *args, code: int, expect: list[str]) -> str:
+    """Run, check the exit code and the message, and that nothing was written under `out`."""
+    before = files_in(out)
+    rc, stdout, err = cli(capsys, *args)
+    assert rc == code, err
+    assert err.startswith("zimage: error: "), err
+    for piece in expect:
+        assert piece in err, (piece, err)
+    assert "Traceback" not in err
+    assert files_in(out) == before
+    return err
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_bad_empty_prompt(capsys, out, prompt):
+    bad(capsys, out, "generate", "-p", prompt, *FAST, "-o", out / "x.png", code=2, expect=["prompt is empty"])
+
+
+@pytest.mark.parametrize("flag, value, expect", [
+    ("--width", 500, "width must be a multiple of 16, got 500"),
+    ("--height", 1000, "height must be a multiple of 16, got 1000"),
+    ("--width", 128, "width must be between 256 and 2048, got 128"),
+    ("--height", 240, "height must be between 256 and 2048, got 240"),
+    ("--width", 4096, "width must be between 256 and 2048, got 4096"),
+    ("--height", 2064, "height must be between 256 and 2048, got 2064"),
+    ("--steps", 0, "steps must be between 1 and 100, got 0"),
+    ("--steps", -3, "steps must be between 1 and 100, got -3"),
+    ("--steps", 101, "steps must be between 1 and 100, got 101"),
+    ("--guidance", -1, "guidance must be between 0 and 30.0, got -1.0"),
+    ("--n", 0, "n must be between 1 and 16, got 0"),
+    ("--n", 17, "n must be between 1 and 16, got 17"),
+    ("--seed", -1, "seed must be between 0 and"),
+    ("--aspect", "5:4", "unknown aspect '5:4'; choose one of 1:1, 4:3"),
+])
+def test_bad_settings(capsys, out, flag, value, expect):
+    base = FAST if flag != "--aspect" else ["--model", "tiny-random", "--device", "cpu", "--steps", "2"]
+    bad(capsys, out, "generate", "-p", "a cat", *base, flag, value, "-o", out / "x.png", code=2, expect=[expect])
+
+
+def test_bad_aspect_and_size_together(capsys, out):
+    bad(capsys, out, "generate", "-p", "a cat", "--aspect", "1:1", "--width", "512", "-o", out / "x.png", code=2,
+        expect=["give either --aspect or --width/--height, not both"])
+
+
+def test_bad_model_path_does_not_exist(capsys, out, tmp_path):
+    missing = tmp_path / "nowhere" / "model"
+    bad(capsys, out, "generate", "-p", "a cat", *FAST, "--model", missing, "-o", out / "x.png", code=1,
+        expect=[str(missing), "does not exist", "zimage download"])
+
+
+def test_bad_folder_missing_component(capsys, out, model_copy):
+    import shutil
+
+    shutil.rmtree(model_copy / "vae")
+    bad(capsys, out, "generate", "-p", "a cat", *FAST, "--model", model_copy, "-o", out / "x.png", code=1,
+        expect=[str(model_copy), "vae/config.json"])
+
+
+def test_bad_truncated_safetensors(capsys, out, model_copy):
+    victim = sorted((model_copy / "transformer").glob("*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    bad(capsys, out, "generate", "-p", "a cat", *FAST, "--model", model_copy, "-o", out / "x.png", code=1,
+        expect=[str(victim), "truncated"])
+
+
+@pytest.mark.parametrize("name, text, expect", [
+    ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "bad",\n', ":2: not valid JSON"),
+    ("p.jsonl", '{"prompt": "ok"}\n\n{"prompt": "a", "steps": 0}\n', ":3: steps must be between 1 and 100, got 0"),
+    ("p.jsonl", '{"prompt": "ok", "stepz": 3}\n', ":1: unknown key(s) stepz"),
+    ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "  "}\n', ':2: "prompt" is missing or empty'),
+    ("p.jsonl", '["a list"]\n', ":1: expected a JSON object, got list"),
+    ("p.jsonl", '{"prompt": "a", "width": 300}\n', ":1: width must be a multiple of 16, got 300"),
+    ("p.jsonl", '{"prompt": "a", "aspect": "2:1"}\n', ":1: unknown aspect '2:1'"),
+    ("p.jsonl", '{"prompt": "a"}\n{"prompt": "a", "aspect": "1:1", "width": 512}\n', ":2: give either an aspect"),
+    ("p.txt", 'a cat\n# fine\n{"prompt": "x", "n": 0}\n', ":3: n must be between 1 and 16, got 0"),
+    ("p.txt", "\n# only comments\n", "has no prompts"),
+])
+def test_bad_prompts_file_line(capsys, out, tmp_path, count_loads, name, text, expect):
+    pf = tmp_path / name
+    pf.write_text(text)
+    err = bad(capsys, out, "generate", "--prompts-file", pf, *FAST, "-o", f"{out}/", code=2, expect=[expect])
+    assert str(pf) in err
+    assert count_loads == []  # validated before the model loads
+
+
+def test_bad_prompts_file_missing(capsys, out, tmp_path):
+    bad(capsys, out, "generate", "--prompts-file", tmp_path / "nope.txt", "-o", f"{out}/", code=2,
+        expect=[str(tmp_path / "nope.txt"), "does not exist"])
+
+
+def test_bad_prompts_file_two_lines_same_output(capsys, out, tmp_path):
+    pf = tmp_path / "p.txt"
+    pf.write_text("a\nb\n")
+    bad(capsys, out, "generate", "--prompts-file", pf, *FAST, "-o", out / "same.png", code=2,
+        expect=["would be written twice"])
+
+
+def test_bad_output_folder_under_a_file(capsys, out, tmp_path):
+    """Writing under a regular file fails for root too (os.access would say a chmod-ed folder is writable)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    bad(capsys, out, "generate", "-p", "a cat", *FAST, "-o", blocker / "x.png", code=2,
+        expect=[str(blocker), "is not a folder"])
+    bad(capsys, out, "generate", "-p", "a cat", *FAST, "-o", f"{blocker}/sub/", code=2,
+        expect=[str(blocker / "sub"), "cannot be created"])
+    assert blocker.read_text() == "x"
+
+
+def test_bad_output_folder_does_not_exist(capsys, out, tmp_path):
+    bad(capsys, out, "generate", "-p", "a cat", *FAST, "-o", tmp_path / "missing" / "x.png", code=2,
+        expect=[str(tmp_path / "missing"), "does not exist"])
+    assert not (tmp_path / "missing").exists()
+
+
+def test_bad_output_not_png(capsys, out):
+    bad(capsys, out, "generate", "-p", "a cat", *FAST, "-o", out / "x.jpg", code=2, expect=["'" + str(out / "x.jpg")
+                                                                                           + "' must end in .png"])
+
+
+def test_bad_output_folder_read_only(capsys, out, tmp_path):
+    """A read-only folder: refused before loading when the check can see it (not root); for root, whom the kernel
+    lets write, the image is written, which is correct. Either way no partial file appears."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        rc, _, err = cli(capsys, "generate", "-p", "a cat", *FAST, "-o", ro / "x.png")
+        if os.geteuid() != 0:
+            assert rc == 2 and f"output folder {ro} is not writable" in err
+            assert files_in(ro) == []
+        else:
+            assert rc == 0 and files_in(ro) == ["x.png"]
+    finally:
+        ro.chmod(0o755)
+
+
+def test_bad_existing_output_without_overwrite(capsys, out):
+    target = out / "x.png"
+    target.write_bytes(b"precious")
+    bad(capsys, out, "generate", "-p", "a cat", *FAST, "-o", target, code=2,
+        expect=[str(target), "exists; pass --overwrite"])
+    assert target.read_bytes() == b"precious"
+
+
+def test_bad_existing_numbered_output_without_overwrite(capsys, out):
+    (out / "x-2.png").write_bytes(b"precious")
+    bad(capsys, out, "generate", "-p", "a cat", *FAST, "--n", "2", "-o", out / "x.png", code=2,
+        expect=[str(out / "x-2.png"), "exists"])
+    assert (out / "x-2.png").read_bytes() == b"precious"
+
+
+def test_bad_dtype(capsys, out):
+    bad(capsys, out, "generate", "-p", "a cat", *FAST, "--dtype", "fp8", "-o", out / "x.png", code=2,
+        expect=["unknown dtype 'fp8'", "bf16", "fp16", "fp32"])
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cpu:1", "gpu"])
+def test_bad_device(capsys, out, device):
+    bad(capsys, out, "generate", "-p", "a cat", *FAST, "--device", device, "-o", out / "x.png", code=2,
+        expect=[f"unknown device {device!r}", "cpu", "cuda"])
+
+
+def test_bad_cuda_without_gpu(capsys, out):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = [a for a in FAST if a not in ("--device", "cpu")]
+    bad(capsys, out, "generate", "-p", "a cat", *args, "--device", "cuda", "-o", out / "x.png", code=1,
+        expect=["--device cuda", "no CUDA GPU"])
+    bad(capsys, out, "info", "--device", "cuda:1", code=1, expect=["--device cuda:1", "no CUDA GPU"])
+
+
+def test_bad_from_png_without_parameters(capsys, out, tmp_path):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    bad(capsys, out, "generate", "--from-png", plain, "-o", out / "x.png", code=2,
+        expect=[str(plain), "carries no zimage generation parameters"])
+    bad(capsys, out, "show", plain, code=2, expect=[str(plain), "carries no zimage generation parameters"])
+
+
+def test_bad_from_png_a1111_only(capsys, out, tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    a1111 = tmp_path / "a1111.png"
+    info = PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512")
+    Image.new("RGB", (8, 8)).save(a1111, pnginfo=info)
+    bad(capsys, out, "generate", "--from-png", a1111, "-o", out / "x.png", code=2,
+        expect=["no zimage generation parameters", "it has A1111 parameters"])
+
+
+def test_bad_from_png_not_an_image(capsys, out, tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_text("not a png")
+    bad(capsys, out, "generate", "--from-png", junk, "-o", out / "x.png", code=2,
+        expect=[str(junk), "is not a readable image"])
+    bad(capsys, out, "generate", "--from-png", tmp_path / "gone.png", "-o", out / "x.png", code=2,
+        expect=[str(tmp_path / "gone.png"), "does not exist"])
+
+
+def test_bad_two_sources(capsys, out, tmp_path):
+    bad(capsys, out, "generate", "-p", "a", "--prompts-file", tmp_path / "p.txt", "-o", out / "x.png", code=2,
+        expect=["exactly one of --prompt, --prompts-file, --from-png"])
+    bad(capsys, out, "generate", "-o", out / "x.png", code=2, expect=["exactly one of"])
+
+
+def test_bad_argparse_type(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "-p", "a", "--steps", "many"])
+    assert info.value.code == 2
+    assert "--steps: invalid int value: 'many'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ subprocess
+def run_zimage(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "zimage", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_subprocess_generate(tmp_path):
+    p = run_zimage("generate", "-p", "a cat", *FAST, "--seed", "4", "-o", "cat.png", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "cat.png"
+    assert "noise" in p.stderr
+    assert json.loads(Image.open(tmp_path / "cat.png").text["zimage"])["seed"] == 4
+
+
+def test_subprocess_usage_error_exit_code_and_message(tmp_path):
+    p = run_zimage("generate", "-p", "a cat", "--width", "300", "-o", "x.png", cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip() == "zimage: error: width must be a multiple of 16, got 300 (nearest: 288 or 304)"
+    assert p.stdout == "" and list(tmp_path.iterdir()) == []

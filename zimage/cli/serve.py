@@ -1,0 +1,87 @@
+"""`zimage serve`: the HTTP server (OpenAI-compatible images API, async jobs, web page). See docs/server.md."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from zimage.errors import UsageError
+
+
+def register(subparsers) -> None:
+    from zimage.cli.common import add_model_flags
+
+    p = subparsers.add_parser(
+        "serve", help="run the HTTP server (OpenAI-compatible API, jobs, web page)",
+        description="Load the model once, warm it up, and serve it: POST /v1/images/generations (OpenAI), "
+                    "/v1/jobs (async, with progress events), a web page at /, /health and /metrics. "
+                    "Jobs and images are kept under --data-dir and survive a crash.",
+    )
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s, this machine only; 0.0.0.0 exposes it)")
+    g.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the page "
+                        "(default: $ZIMAGE_API_KEY, else no key)")
+    g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN to call the API (repeatable; default: CORS off)")
+    g.add_argument("--public-url", default=None,
+                   help="base of image URLs in responses when behind a proxy (default: from each request)")
+    g = p.add_argument_group("jobs")
+    g.add_argument("--data-dir", type=Path, default=None,
+                   help="where jobs.db and images/ live (default: $ZIMAGE_DATA_DIR, else ~/.local/share/zimage)")
+    g.add_argument("--max-queue", type=int, default=64, help="waiting jobs before 429 (default: %(default)s)")
+    g.add_argument("--max-batch", type=int, default=8,
+                   help="images per engine call when batching compatible jobs (default: %(default)s)")
+    g.add_argument("--batch-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for companions before starting a batch (default: %(default)s)")
+    g.add_argument("--default-size", default="1024x1024", help="size for requests that say 'auto' or nothing")
+    g.add_argument("--warmup-size", default="1024x1024",
+                   help="WIDTHxHEIGHT of the warm-up generation, or 'none' (default: %(default)s)")
+    g.add_argument("--no-previews", action="store_true", help="no preview images in job events")
+    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_model_flags(p)
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args, environ=os.environ):
+    """argparse namespace -> ServerSettings (validated: a bad value is a UsageError naming the flag)."""
+    from zimage.server.settings import API_KEY_ENV, ServerSettings, default_data_dir
+    from zimage.sizes import parse_size
+
+    def size(flag, text):
+        try:
+            return parse_size(text)
+        except UsageError as e:
+            raise UsageError(f"--{flag}: {e}", param=flag) from None
+
+    for flag, value, low in (("port", args.port, 0), ("max-queue", args.max_queue, 1),
+                             ("max-batch", args.max_batch, 1)):
+        if not low <= value <= 65535:
+            raise UsageError(f"--{flag} must be between {low} and 65535, got {value}", param=flag)
+    if args.batch_wait < 0:
+        raise UsageError("--batch-wait must be >= 0", param="batch-wait")
+    return ServerSettings(
+        host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(),
+        api_key=args.api_key or environ.get(API_KEY_ENV) or None,
+        model=args.model, device=args.device, dtype=args.dtype, speed=args.speed,
+        vram_budget_gib=args.vram_budget, max_queue=args.max_queue, max_batch=args.max_batch,
+        batch_wait_s=args.batch_wait, default_size=size("default-size", args.default_size),
+        warmup_size=None if args.warmup_size.lower() == "none" else size("warmup-size", args.warmup_size),
+        cors_origins=tuple(args.cors_origin), public_url=args.public_url, previews=not args.no_previews,
+        log_level=args.log_level,
+    )
+
+
+def run(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"the server needs its extras: pip install 'zimage[server]' ({e.name} is missing)") from None
+    from zimage.server.launch import serve
+
+    settings = settings_from_args(args)
+    serve(settings)
+    return 0

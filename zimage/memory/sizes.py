@@ -1,0 +1,127 @@
+"""Byte counts a memory plan is made of, taken from the checked model folder (headers only: no weights read).
+
+Sizes are in the *compute* dtype (what sits in GPU memory), not the stored one: the published transformer is
+fp32 on disk (24.6 GB) but 12.3 GB in bf16. Streamable units are the transformer's 30 main blocks (`layers.N.`)
+and the text encoder's decoder layers (`layers.N.`); everything else of a network moves as one piece.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_BLOCK = re.compile(r"^layers\.(\d+)\.")
+# Tensors that stay in the compute dtype under fp8 storage (as diffusers' layerwise casting skips them):
+# norms, embeddings, biases and other 1-D tensors.
+_FP8_SKIP = re.compile(r"(norm|embed|pad_token|bias$)")
+
+
+@dataclass(frozen=True)
+class NetworkSizes:
+    """Bytes of one network in the compute dtype."""
+
+    blocks: tuple[int, ...]  # bytes of each streamable block, in order (empty for the VAE)
+    rest: int  # bytes of everything else (embedders, refiners, final layer, ...)
+    blocks_fp8: tuple[int, ...] = ()  # the same blocks with fp8 (1 byte) storage of their matrices
+    rest_fp8: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.rest + sum(self.blocks)
+
+    @property
+    def block(self) -> int:
+        """The largest block: the size of one streaming buffer."""
+        return max(self.blocks, default=0)
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    transformer: NetworkSizes
+    text_encoder: NetworkSizes  # `rest` includes the token embeddings (0.78 GB of the 7.7 GB)
+    text_embeddings: int  # bytes of the text encoder's token embedding table (kept on the host when offloaded)
+    vae: NetworkSizes
+    dim: int  # transformer width (3840)
+    ffn: int  # transformer feed-forward width (10240)
+    text_hidden: int  # text encoder width (2560)
+    text_ffn: int  # text encoder feed-forward width (9728)
+    max_text_tokens: int = 512
+    dtype_bytes: int = 2  # bytes per element of the compute dtype
+
+
+def network_sizes(shapes: dict, dtype_bytes: int) -> NetworkSizes:
+    """Group tensors {module name: shape} into streamable blocks and the rest, at `dtype_bytes` per element."""
+    blocks: dict[int, list[int]] = {}
+    blocks8: dict[int, list[int]] = {}
+    rest = rest8 = 0
+    for target, shape in shapes.items():
+        numel = _numel(shape)
+        nbytes = numel * dtype_bytes
+        fp8 = numel if len(shape) >= 2 and not _FP8_SKIP.search(target) else nbytes
+        m = _BLOCK.match(target)
+        if m:
+            blocks.setdefault(int(m.group(1)), []).append(nbytes)
+            blocks8.setdefault(int(m.group(1)), []).append(fp8)
+        else:
+            rest += nbytes
+            rest8 += fp8
+    order = sorted(blocks)
+    return NetworkSizes(tuple(sum(blocks[i]) for i in order), rest, tuple(sum(blocks8[i]) for i in order), rest8)
+
+
+def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype_bytes: int = 2,
+                      max_text_tokens: int = 512) -> ModelSizes:
+    """ModelSizes from {network: {module name: shape}} and {network: config dict}."""
+    dim = int(configs["transformer"].get("dim", 3840))
+    text_cfg = configs["text_encoder"]
+    emb = sum(_numel(s) for t, s in shapes["text_encoder"].items() if t.startswith("embed_tokens."))
+    vae = network_sizes(shapes["vae"], dtype_bytes)
+    return ModelSizes(
+        transformer=network_sizes(shapes["transformer"], dtype_bytes),
+        text_encoder=network_sizes(shapes["text_encoder"], dtype_bytes),
+        text_embeddings=emb * dtype_bytes,
+        vae=NetworkSizes((), vae.total, (), vae.total),  # the VAE is never streamed nor stored in fp8
+        dim=dim,
+        ffn=int(dim / 3 * 8),  # diffusers' ZImageTransformerBlock: FeedForward(hidden_dim=int(dim / 3 * 8))
+        text_hidden=int(text_cfg.get("hidden_size", 2560)),
+        text_ffn=int(text_cfg.get("intermediate_size", 9728)),
+        max_text_tokens=max_text_tokens,
+        dtype_bytes=dtype_bytes,
+    )
+
+
+def model_sizes(checked: dict, dtype_bytes: int = 2, max_text_tokens: int = 512) -> ModelSizes:
+    """ModelSizes of a checked folder (`zimage.weights.check.check_model_folder`)."""
+    shapes = {name: {t: info.shape for t, (_, info) in c.tensors.items()} for name, c in checked.items()}
+    configs = {name: c.network.config for name, c in checked.items()}
+    return sizes_from_shapes(shapes, configs, dtype_bytes, max_text_tokens)
+
+
+def published_model_sizes(dtype_bytes: int = 2) -> ModelSizes:
+    """Sizes of the published Z-Image-Turbo, from its shapes (built on the meta device: no memory, ~1 s)."""
+    import torch
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zimage.weights.tiny import FULL_TEXT, FULL_TRANSFORMER, FULL_VAE
+
+    text = dict(FULL_TEXT, num_hidden_layers=FULL_TEXT["num_hidden_layers"] - 1)  # we never run the last layer
+    with torch.device("meta"):
+        tr = ZImageTransformer2DModel(**FULL_TRANSFORMER)
+        te = Qwen3Model(Qwen3Config(**text, tie_word_embeddings=True))
+        vae = AutoencoderKL(latent_channels=16, up_block_types=("UpDecoderBlock2D",) * 4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, **FULL_VAE)
+    shapes = {
+        "transformer": {k: tuple(v.shape) for k, v in tr.state_dict().items()},
+        "text_encoder": {k: tuple(v.shape) for k, v in te.state_dict().items() if not k.startswith("norm.")},
+        "vae": {k: tuple(v.shape) for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant"))},
+    }
+    configs = {"transformer": FULL_TRANSFORMER, "text_encoder": FULL_TEXT, "vae": {}}
+    return sizes_from_shapes(shapes, configs, dtype_bytes)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,18 @@
+"""`python -m zimage.server ...`: the `serve` subcommand on its own (same flags as `zimage serve`)."""
+
+import argparse
+import sys
+
+from zimage.cli import serve
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zimage.server")
+    sub = parser.add_subparsers(dest="command")
+    serve.register(sub)
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

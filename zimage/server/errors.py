@@ -1,0 +1,88 @@
+"""Every failure answers `{"error": {"message", "type", "param", "code"}}` (OpenAI's shape), never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from zimage.errors import UsageError
+
+log = logging.getLogger("zimage.server")
+
+# status -> OpenAI-style error type
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+class ApiError(Exception):
+    """Raised by routes and dependencies; rendered by the handler below."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+
+
+def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
+def install_error_handlers(app) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    def reply(status, message, code, param=None, headers=None):
+        return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return reply(exc.status, exc.message, exc.code, exc.param, exc.headers)
+
+    @app.exception_handler(UsageError)
+    async def _usage_error(request, exc: UsageError):
+        return reply(400, str(exc), "invalid_value", _public_param(exc.param))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        # OpenAI answers 400 (not FastAPI's 422) for a bad parameter; report the first problem, by field name.
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        if param:
+            message = f"{param}: {message}"
+        code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+        if first.get("type") == "json_invalid":
+            code, message = "invalid_json", "the request body is not valid JSON"
+        return reply(400, message, code, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return reply(exc.status_code, message, codes.get(exc.status_code, "http_error"), None,
+                     getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return reply(500, "internal server error (details are in the server log)", "internal_error")
+
+
+# GenerateRequest names fields as the engine does; the HTTP API names them as OpenAI and open servers do.
+_PARAM_NAMES = {"prompt": "prompt", "steps": "num_inference_steps", "guidance": "guidance_scale",
+                "width": "size", "height": "size", "negative_prompt": "negative_prompt", "seed": "seed", "n": "n"}
+
+
+def _public_param(param: str | None) -> str | None:
+    return _PARAM_NAMES.get(param, param) if param else None

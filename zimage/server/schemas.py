@@ -1,0 +1,146 @@
+"""Request and response models (pydantic v2). A request is converted once, here, into a GenerateRequest; the
+limits themselves live in zimage.request / zimage.sizes (one set of rules for CLI, API and server)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from zimage.request import (
+    MAX_GUIDANCE, MAX_IMAGES_PER_PROMPT, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, GenerateRequest,
+)
+from zimage.sizes import parse_size
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class JobCreate(BaseModel):
+    """What to generate. Field names follow OpenAI's images API plus the extensions open servers use."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="What the image shows.")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
+                                 description="What to avoid; used only when guidance_scale > 0.")
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Number of images (seeds seed, seed+1, ...).")
+    size: str = Field("auto", description="WIDTHxHEIGHT in pixels, each a multiple of 16 in 256..2048, "
+                                          "or 'auto' for the server's default size.", examples=["1024x1024"])
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; omitted: random "
+                                                                  "(the seed used is reported).")
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                            description="Denoising steps (transformer forwards); default 9.")
+    guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE,
+                                  description="Classifier-free guidance; 0 (the Turbo default) disables it.")
+    output_format: OutputFormat = Field("png", description="Image file format. PNGs carry the parameters.")
+    output_compression: int | None = Field(None, ge=0, le=100,
+                                           description="jpeg/webp quality loss in percent (OpenAI's meaning: "
+                                                       "0 = best quality); default 10.")
+
+    def to_engine(self, default_size: tuple[int, int], default_steps: int) -> GenerateRequest:
+        """The validated engine request; raises zimage.errors.UsageError (-> 400) naming the field."""
+        width, height = default_size if self.size == "auto" else parse_size(self.size)
+        return GenerateRequest(
+            prompts=(self.prompt,), negative_prompt=self.negative_prompt, width=width, height=height,
+            steps=self.num_inference_steps or default_steps, guidance=self.guidance_scale, seed=self.seed, n=self.n,
+        )
+
+
+class ImageGenerationRequest(JobCreate):
+    """OpenAI's `POST /v1/images/generations` body (the official client sends it unchanged)."""
+
+    model: str | None = Field(None, description="Accepted for compatibility; this server serves one model.")
+    response_format: Literal["b64_json", "url"] = Field("b64_json", description="Images inline, or as URLs.")
+    user: str | None = Field(None, max_length=256, description="Accepted for compatibility; logged only.")
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = Field(None, description="The image file, base64 (response_format b64_json).")
+    url: str | None = Field(None, description="Where to GET the image file (response_format url).")
+    revised_prompt: str | None = Field(None, description="The prompt as used (unchanged: no rewriting).")
+    seed: int = Field(..., description="The seed that made this image.")
+
+
+class ImageGenerationResponse(BaseModel):
+    created: int = Field(..., description="Unix time in seconds.")
+    data: list[ImageData]
+    output_format: OutputFormat
+    size: str = Field(..., description="WIDTHxHEIGHT of the images.")
+
+
+class JobImage(BaseModel):
+    id: str = Field(..., description="Image id; the file is at `url`.")
+    url: str
+    index: int = Field(..., description="Position in the job (0-based).")
+    seed: int
+
+
+class JobParams(BaseModel):
+    """The request as it will run: the size resolved, the seed drawn (so a re-run makes the same images)."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    n: int
+    output_format: OutputFormat
+    output_compression: int | None = None
+
+
+class JobProgress(BaseModel):
+    phase: str = Field(..., description="encode | denoise | decode")
+    step: int
+    total: int
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class Job(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created: float = Field(..., description="Unix time, seconds.")
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = Field(..., description="Times a run was started (more than 1 after a server restart).")
+    position: int | None = Field(None, description="Place in the queue (0 = next), while queued.")
+    progress: JobProgress | None = None
+    params: JobParams
+    images: list[JobImage] = []
+    error: ErrorInfo | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "failed"]
+    detail: str | None = None
+    engine: dict | None = None
+    queue: int = 0
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "zimage"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

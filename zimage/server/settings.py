@@ -1,0 +1,58 @@
+"""Server settings: one dataclass, a comment per field. The CLI (`zimage serve`) and tests build it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zimage.weights.layout import DEFAULT_MODEL_ID
+
+API_KEY_ENV = "ZIMAGE_API_KEY"
+DATA_DIR_ENV = "ZIMAGE_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    """$ZIMAGE_DATA_DIR, else $XDG_DATA_HOME/zimage, else ~/.local/share/zimage."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "zimage"
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"  # loopback unless told otherwise: exposing a GPU box is a decision, not a default
+    port: int = 8000
+    data_dir: Path = field(default_factory=default_data_dir)  # jobs.db (SQLite, WAL) and images/ live here
+    api_key: str | None = None  # None: no key (the CLI also reads $ZIMAGE_API_KEY)
+    # engine (used only when create_app is not handed an engine)
+    model: str = DEFAULT_MODEL_ID
+    device: str = "auto"
+    dtype: str = "auto"
+    speed: str = "auto"
+    vram_budget_gib: float | None = None  # None: free VRAM less a margin (zimage.memory)
+    # scheduling
+    max_queue: int = 64  # jobs waiting (not running) before POSTs get 429 + Retry-After
+    max_batch: int = 8  # images per engine call; compatible queued jobs are batched up to this
+    batch_wait_s: float = 0.0  # extra wait for companions before starting a batch (0: batch what is queued)
+    max_attempts: int = 3  # a job whose run was interrupted (crash) this many times is failed, not re-run forever
+    # defaults for requests that do not say
+    default_size: tuple[int, int] = (1024, 1024)  # OpenAI "size": "auto" and missing size mean this
+    default_steps: int = 9
+    # warm-up: one generation before /health says ready (compiles kernels, fills caches); None skips it
+    warmup_size: tuple[int, int] | None = (1024, 1024)
+    warmup_steps: int = 2
+    # web
+    cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are given
+    public_url: str | None = None  # base of image URLs in responses; None: taken from the request
+    previews: bool = True  # SSE "preview" events: a small JPEG of the latents every few steps
+    log_level: str = "info"
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.data_dir) / "jobs.db"
+
+    @property
+    def images_dir(self) -> Path:
+        return Path(self.data_dir) / "images"

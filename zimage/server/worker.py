@@ -1,0 +1,297 @@
+"""One worker thread owns the engine: it loads and warms it, then runs queued jobs, batching compatible ones.
+
+Scheduling: FIFO. The job at the head of the queue always runs next (nothing starves); queued jobs that share
+its width, height, steps and guidance join its batch, oldest first, up to `max_batch` images. Each image keeps its
+own seed and caption, so batching changes no image beyond float rounding (see docs/server.md).
+Cancellation: a queued job leaves the queue at once; a running one leaves its batch at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+from zimage.errors import ZImageError
+from zimage.request import GenerateRequest
+from zimage.server.jobs import JobRecord, JobStore
+
+log = logging.getLogger("zimage.server")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+def request_from_params(params: dict) -> GenerateRequest:
+    """The engine request of a stored job (seed already drawn, so a re-run makes the same images)."""
+    return GenerateRequest(prompts=(params["prompt"],), negative_prompt=params["negative_prompt"],
+                           width=params["width"], height=params["height"], steps=params["steps"],
+                           guidance=params["guidance"], seed=params["seed"], n=params["n"])
+
+
+@dataclass
+class _Pending:
+    job_id: str
+    params: dict
+    request: GenerateRequest
+    submitted: float  # time.time()
+    cancel: threading.Event = field(default_factory=threading.Event)  # user cancel or server shutdown
+
+    @property
+    def key(self):  # jobs with equal keys can share an engine call
+        r = self.request
+        return (r.width, r.height, r.steps, r.guidance)
+
+
+class Worker:
+    def __init__(self, store: JobStore, hub, metrics, settings, engine_loader):
+        self.store, self.hub, self.metrics, self.settings = store, hub, metrics, settings
+        self._loader = engine_loader  # () -> Engine; runs on the worker thread
+        self.engine = None
+        self.state, self.detail = "loading", "loading the model"  # -> "ok" after warm-up, or "failed"
+        self._pending: list[_Pending] = []  # queued jobs, oldest first
+        self._running: dict[str, _Pending] = {}
+        self._progress: dict[str, dict] = {}  # job id -> last progress event (for GET /v1/jobs/{id})
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._batch_seconds = 1.0  # moving average of an engine call (for Retry-After)
+        self._thread = threading.Thread(target=self._main, name="zimage-worker", daemon=True)
+
+    # ---------------------------------------------------------------- called from the app
+    def start(self) -> None:
+        queued, failed = self.store.recover(self.settings.max_attempts)
+        for job_id in failed:
+            log.warning("job %s failed: interrupted %d times", job_id, self.settings.max_attempts)
+        with self._cv:
+            for job in queued:
+                self._pending.append(_Pending(job.id, job.params, request_from_params(job.params), job.created))
+            self.metrics.queue_depth.set(len(self._pending))
+        if queued:
+            log.info("recovered %d queued job(s) from %s", len(queued), self.store.images_dir.parent)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current step: running jobs go back to 'queued' (they run again at the next start)."""
+        with self._cv:
+            self._stopping = True
+            for p in self._running.values():
+                p.cancel.set()
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, params: dict, request: GenerateRequest) -> JobRecord:
+        """Persist, then queue. Raises QueueFull when `max_queue` jobs are already waiting."""
+        with self._cv:
+            if len(self._pending) >= self.settings.max_queue:
+                raise QueueFull(self.retry_after())
+            job = self.store.add(params)  # committed before anyone hears the id
+            self._pending.append(_Pending(job.id, params, request, job.created))
+            self.metrics.queue_depth.set(len(self._pending))
+            self._cv.notify()
+        self.hub.publish(job.id, "queued", {"position": len(self._pending) - 1})
+        return job
+
+    def cancel(self, job_id: str) -> bool:
+        """True if the job was queued or running and is now cancelled."""
+        with self._cv:
+            if not self.store.cancel(job_id):
+                return False
+            queued = [p for p in self._pending if p.job_id == job_id]
+            for p in queued:
+                self._pending.remove(p)
+            if job_id in self._running:
+                self._running[job_id].cancel.set()  # the engine drops its rows at the next step
+            self.metrics.queue_depth.set(len(self._pending))
+        self.metrics.jobs.labels("cancelled").inc()
+        self.hub.publish(job_id, "cancelled", {})
+        if queued:
+            self._publish_positions()
+        return True
+
+    def position(self, job_id: str) -> int | None:
+        with self._cv:
+            for i, p in enumerate(self._pending):
+                if p.job_id == job_id:
+                    return i
+        return None
+
+    def progress(self, job_id: str) -> dict | None:
+        return self._progress.get(job_id)
+
+    def queue_length(self) -> int:
+        return len(self._pending)
+
+    def retry_after(self) -> int:
+        batches = len(self._pending) / max(1, self.settings.max_batch) + 1
+        return max(1, math.ceil(batches * self._batch_seconds))
+
+    # ---------------------------------------------------------------- the thread
+    def _main(self) -> None:
+        try:
+            self.engine = self._loader()
+            self._warm_up()
+        except Exception as e:  # noqa: BLE001 - reported by /health, and logged with its traceback
+            log.exception("the engine could not be loaded")
+            self.state, self.detail = "failed", f"{type(e).__name__}: {e}"
+            return
+        self.state, self.detail = "ok", None
+        log.info("ready: %s", self.engine.describe())
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _warm_up(self) -> None:
+        if self.settings.warmup_size is None:
+            return
+        self.detail = "warming up"
+        w, h = self.settings.warmup_size
+        t0 = time.perf_counter()
+        self.engine.generate(GenerateRequest(prompts=("warm-up",), width=w, height=h,
+                                             steps=self.settings.warmup_steps, seed=0))
+        log.info("warm-up (%dx%d, %d steps) took %.2fs", w, h, self.settings.warmup_steps, time.perf_counter() - t0)
+
+    def _next_batch(self) -> list[_Pending] | None:
+        with self._cv:
+            while not self._pending and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                return None
+        if self.settings.batch_wait_s > 0:
+            time.sleep(self.settings.batch_wait_s)  # let companions arrive
+        with self._cv:
+            if self._stopping or not self._pending:
+                return [] if not self._stopping else None
+            head = self._pending[0]
+            batch, images = [], 0
+            for p in list(self._pending):
+                n = p.request.num_images
+                if p.key == head.key and (not batch or images + n <= self.settings.max_batch):
+                    batch.append(p)
+                    images += n
+                    self._pending.remove(p)
+            for p in batch:
+                self._running[p.job_id] = p
+            self.metrics.queue_depth.set(len(self._pending))
+        return batch
+
+    def _run(self, batch: list[_Pending]) -> None:
+        if not batch:
+            return
+        started = set(self.store.start([p.job_id for p in batch]))  # skips jobs cancelled just now
+        batch = [p for p in batch if p.job_id in started]
+        if not batch:
+            return
+        self._publish_positions()
+        now = time.time()
+        for p in batch:
+            self.metrics.queue_wait.observe(now - p.submitted)
+            self.hub.publish(p.job_id, "running", {"batch": len(batch)})
+        self.metrics.running.set(len(batch))
+        self.metrics.batch_images.observe(sum(p.request.num_images for p in batch))
+        t0 = time.perf_counter()
+        try:
+            results = self.engine.generate_many([p.request for p in batch], self._on_progress(batch),
+                                                [p.cancel for p in batch])
+        except Exception as e:  # noqa: BLE001 - every failure becomes a job error, never a dead worker
+            self._fail(batch, e)
+            return
+        finally:
+            self.metrics.running.set(0)
+            with self._cv:
+                for p in batch:
+                    self._running.pop(p.job_id, None)
+        seconds = time.perf_counter() - t0
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        self.metrics.generation.observe(seconds)
+        for p, result in zip(batch, results):
+            self._progress.pop(p.job_id, None)
+            if result is None:  # cancelled by the user (already recorded), or by a shutdown: run again later
+                if self._stopping:
+                    self.store.requeue(p.job_id)
+                continue
+            self._finish(p, result)
+
+    def _finish(self, p: _Pending, result) -> None:
+        from zimage.server.images import encode_image
+
+        fmt, compression = p.params["output_format"], p.params.get("output_compression")
+        images = []
+        try:
+            for img in result.images:
+                name = self.store.image_name(p.job_id, img.index, fmt)
+                self.store.write_image(name, encode_image(img.image, img.metadata, fmt, compression))
+                images.append({"id": name, "index": img.index, "seed": img.metadata.seed})
+        except Exception as e:  # noqa: BLE001 - e.g. disk full
+            self._fail([p], e)
+            return
+        if self.store.succeed(p.job_id, images):
+            log.info("job %s succeeded (%d image(s))", p.job_id, len(images))
+            self.metrics.jobs.labels("succeeded").inc()
+            self.metrics.images.inc(len(images))
+            self.metrics.latency.observe(time.time() - p.submitted)
+            self.hub.publish(p.job_id, "succeeded", {"images": images})
+
+    def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+        if len(batch) > 1:  # isolate the culprit: run each job alone (a bad one fails alone)
+            log.warning("a batch of %d failed (%s); running its jobs one by one", len(batch), exc)
+            for p in batch:
+                self.store.requeue(p.job_id)
+                with self._cv:
+                    self._running[p.job_id] = p
+                self._run([p])
+            return
+        p = batch[0]
+        known = isinstance(exc, ZImageError)
+        if not known:
+            log.error("job %s failed", p.job_id, exc_info=exc)
+        kind = _snake(type(exc).__name__)
+        error = {"message": str(exc) if known else "generation failed (details are in the server log)",
+                 "type": "server_error", "code": kind}
+        self.metrics.errors.labels(kind).inc()
+        if self.store.fail(p.job_id, error):
+            self.metrics.jobs.labels("failed").inc()
+            self.hub.publish(p.job_id, "failed", {"error": error})
+
+    def _on_progress(self, batch: list[_Pending]):
+        """Engine callback (worker thread): progress for each job, and now and then a small preview."""
+        from zimage.server.images import latent_preview
+
+        rows, start = {}, 0  # job id -> its rows in the batch's latents (valid while no job has left)
+        for p in batch:
+            rows[p.job_id] = (start, start + p.request.num_images)
+            start += p.request.num_images
+        every = max(1, batch[0].request.steps // 4)
+
+        def on_progress(prog) -> None:
+            whole = not any(p.cancel.is_set() for p in batch)
+            for p in batch:
+                if p.cancel.is_set():
+                    continue
+                event = {"phase": prog.phase, "step": prog.step, "total": prog.total}
+                self._progress[p.job_id] = event
+                self.hub.publish(p.job_id, "progress", event)
+                want = (self.settings.previews and whole and prog.phase == "denoise" and prog.latents is not None
+                        and (prog.step % every == 0) and prog.step < prog.total)
+                if want and self.hub.has_subscribers(p.job_id):
+                    a, _ = rows[p.job_id]
+                    self.hub.publish(p.job_id, "preview", {"step": prog.step, "image": latent_preview(prog.latents[a])})
+
+        return on_progress
+
+    def _publish_positions(self) -> None:
+        with self._cv:
+            waiting = [(p.job_id, i) for i, p in enumerate(self._pending)]
+        for job_id, i in waiting:
+            self.hub.publish(job_id, "queued", {"position": i})
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name))
