@@ -150,10 +150,18 @@ def main() -> None:
     runs["diffusers"] = bench_diffusers(folder, args.repeats, sizes)
     free_cuda()
     print("diffusers done", runs["diffusers"]["main"], flush=True)
+    errors = {}
     for mode in args.modes.split(","):
-        runs[f"zimage-{mode}"] = bench_zimage(folder, mode, args.repeats, sizes)
+        try:
+            runs[f"zimage-{mode}"] = bench_zimage(folder, mode, args.repeats, sizes)
+            print(mode, "done", runs[f"zimage-{mode}"]["main"], flush=True)
+        except Exception as e:  # record and go on: one failing mode must not lose the others' figures
+            import traceback
+
+            traceback.print_exc()
+            errors[mode] = repr(e)
         free_cuda()
-        print(mode, "done", runs[f"zimage-{mode}"]["main"], flush=True)
+    res["errors"] = errors
     ref = runs["diffusers"].pop("latents")
     lossless = {name: rel_l2(r.pop("latents"), ref) for name, r in runs.items() if name != "diffusers"}
     if not args.no_fp32_bound:

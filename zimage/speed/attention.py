@@ -30,7 +30,11 @@ class RealRopeAttnProcessor:
     """Drop-in for diffusers' ZSingleStreamAttnProcessor; `freqs_cis` is real (B, L, D/2, 2) here."""
 
     def __init__(self, backend: str = NATIVE):
-        self.backend = backend
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        # Enum members, not strings: constructing the enum inside a compiled graph can break fullgraph tracing.
+        self.backend = AttentionBackendName(backend)
+        self.masked_backend = AttentionBackendName(NATIVE)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -47,7 +51,7 @@ class RealRopeAttnProcessor:
         backend = self.backend
         if attention_mask is not None:
             attention_mask = attention_mask[:, None, None, :]  # (B, 1, 1, L): keys that exist
-            backend = NATIVE
+            backend = self.masked_backend
         out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, backend=backend)
         out = out.flatten(2, 3).to(q.dtype)  # (B, L, H*D)
         return attn.to_out[0](out)
