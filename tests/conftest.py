@@ -73,5 +73,11 @@ def reference_pipeline(tiny_folder):
 
 
 def pytest_configure(config):
-    # Keep test runs single-threaded-ish and quiet on 2-core CI machines.
+    # The tiny model's ops are too small to gain from intra-op threads; on a 2-core machine shared with anything else,
+    # OpenMP threads spin against each other and a run takes 2-4x longer (measured: parity tests 10 s of CPU with one
+    # thread, 20-40 s with two under load). One thread unless the user chose (OMP_NUM_THREADS).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)

@@ -485,6 +485,7 @@ def test_bad_argparse_type(capsys):
 # ------------------------------------------------------------------------------------------------ subprocess
 def run_zimage(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("OMP_NUM_THREADS", "1")  # as the in-process tests (see conftest.py)
     return subprocess.run([sys.executable, "-m", "zimage", *map(str, args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
 

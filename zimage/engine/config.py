@@ -21,4 +21,6 @@ class EngineConfig:
     vram_budget_gib: float | None = None  # memory plan budget; None: free VRAM less a margin (zimage.memory)
     max_text_tokens: int = 512  # the text encoder reads at most this many tokens per prompt (model limit)
     prompt_cache_size: int = 32  # prompt embeddings kept, so a repeated prompt skips the text encoder
+    converted_cache: bool = False  # keep a copy of the weights in the compute dtype (bf16) in zimage's cache, tied
+    # to the source files by size/mtime/header hash (zimage.weights.converted); off until measured worth it
     show_progress: bool = False  # tqdm bars for loading and steps (the CLI turns them on)

@@ -86,17 +86,18 @@ class Engine:
         try:
             step = bar.update if bar else None
             # Each network is loaded straight to where the plan keeps it (device, or host memory to stream from).
-            transformer = load_network(checked["transformer"], policy.home("transformer", device), dtype, step)
-            text_encoder = load_network(checked["text_encoder"], policy.home("text_encoder", device), dtype, step)
+            conv = config.converted_cache
+            transformer = load_network(checked["transformer"], policy.home("transformer", device), dtype, step, conv)
+            text_encoder = load_network(checked["text_encoder"], policy.home("text_encoder", device), dtype, step, conv)
             vae = load_network(checked["vae"], policy.home("vae", device), vae_dtype, step)
         finally:
             if bar:
                 bar.close()
-        if dtype == torch.float16:
-            install_fp16_guard(transformer)
         engine = cls(config, location, device, dtype, tokenizer, scheduler, transformer, text_encoder, vae, policy)
         policy.place(Parts(transformer, text_encoder, vae, device))
         engine.speed = apply_speed(engine, config.speed, config.expected_images)
+        if dtype == torch.float16:  # after apply_speed, which may replace the feed-forward modules it hooks
+            install_fp16_guard(transformer)
         engine.load_seconds = time.perf_counter() - t0
         log.info("loaded %s from %s in %.1fs (%s, %s, plan %s, speed %s)", location.model_id, location.path,
                  engine.load_seconds, device, dtype, policy.describe(), engine.speed)

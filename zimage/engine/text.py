@@ -52,6 +52,7 @@ class PromptEncoder:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         self.hits += len(prompts) - len(todo)
         self.misses += len(todo)
+        fresh = {}  # this call's new embeddings: the cache may evict some of them when todo > cache_size
         if todo:
             enc = self.tokenizer(
                 [self.template(p) for p in todo], padding="longest", max_length=self.max_tokens, truncation=True,
@@ -63,11 +64,15 @@ class PromptEncoder:
                 hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L_max, D)
             lengths = enc.attention_mask.sum(dim=1).tolist()  # on the CPU already: no device sync
             for p, h, n in zip(todo, hidden, lengths):
-                self._put(p, h[:n].clone())
+                fresh[p] = h[:n].clone()
+                self._put(p, fresh[p])
         out = []
         for p in prompts:
-            self._cache.move_to_end(p)
-            out.append(self._cache[p])
+            if p in self._cache:
+                self._cache.move_to_end(p)
+                out.append(self._cache[p])
+            else:
+                out.append(fresh[p])
         return out
 
     def _put(self, prompt: str, embedding) -> None:

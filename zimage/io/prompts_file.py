@@ -25,7 +25,7 @@ class PromptLine:
 def read_prompts_file(path: Path) -> list[PromptLine]:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows editors) is not part of line 1
     except FileNotFoundError:
         raise UsageError(f"prompts file {path} does not exist", param="prompts_file") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from zimage.cli import serve
+from zimage.errors import ZImageError
 
 
 def main(argv=None) -> int:
@@ -11,7 +12,11 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command")
     serve.register(sub)
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ZImageError as e:
+        print(f"zimage serve: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -44,8 +44,7 @@ def default_loader(settings: ServerSettings):
 
 def create_app(settings: ServerSettings | None = None, engine=None, engine_loader=None):
     """`engine`: an already loaded Engine (tests share one); else `engine_loader()` or the settings' model."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi import FastAPI
     from fastapi.staticfiles import StaticFiles
 
     from zimage.server.auth import make_key_check
@@ -81,18 +80,7 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
     )
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse(error_body(413, f"request body over {MAX_BODY_BYTES} bytes", "body_too_large"), 413)
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        state = getattr(request.app.state, "zimage", None)
-        if state is not None:
-            state.metrics.http.labels(route, str(response.status_code)).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(LimitsAndMetrics)
 
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -105,6 +93,40 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
     app.include_router(build_router(), dependencies=[_depends(make_key_check(settings.api_key))])
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+class LimitsAndMetrics:
+    """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the routes): rejects bodies
+    over MAX_BODY_BYTES by their Content-Length (413) and times each request into the metrics."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            response = JSONResponse(error_body(413, f"request body over {MAX_BODY_BYTES} bytes", "body_too_large"),
+                                    413)
+            return await response(scope, receive, send)
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            state = getattr(scope["app"].state, "zimage", None) if "app" in scope else None
+            route = getattr(scope.get("route"), "path", "unmatched")
+            if state is not None:
+                state.metrics.http.labels(route, str(status[0])).observe(time.perf_counter() - t0)
 
 
 def _depends(fn):

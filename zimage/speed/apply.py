@@ -48,6 +48,17 @@ def apply_speed(engine, mode: str, expected_images: int | None = None) -> str:
 
     concrete = resolve_speed(mode, engine.device, expected_images)
     engine.fast.set_attention_backend(choose_attention_backend(engine.device))
+    resident = all(p.device == engine.device for p in engine.transformer.parameters())
+    if resident:
+        # Only for resident weights: streamed blocks keep their layout in pinned host memory.
+        from zimage.speed.fuse import fuse_block
+
+        for block in engine.fast.blocks():
+            fuse_block(block)
+    elif concrete == "compile":
+        # Streamed blocks swap their weights in forward hooks, which a compiled block would trace into its graph.
+        log.warning("--speed compile is not combined with streamed transformer blocks yet; running eager")
+        concrete = "eager"
     if concrete == "compile":
         compile_blocks(engine)
     return concrete
@@ -64,5 +75,7 @@ def compile_blocks(engine) -> None:
         block.compile(fullgraph=True)
     if engine.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # VAE convolutions: pick the fastest algorithm per shape, once
+        engine.vae.to(memory_format=torch.channels_last)  # NHWC: cuDNN's fast layout for bf16 convolutions
+        engine.vae.decoder.compile()  # fuses GroupNorm + SiLU around the convolutions
     log.info("transformer blocks compiled (first image of each new size compiles; cache: %s)",
              os.environ["TORCHINDUCTOR_CACHE_DIR"])

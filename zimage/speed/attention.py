@@ -39,9 +39,12 @@ class RealRopeAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        q = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # (B, L, H, D)
-        k = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        if hasattr(attn, "to_qkv"):  # fused by zimage.speed.fuse
+            q, k, v = attn.to_qkv(hidden_states).unflatten(-1, (3, attn.heads, -1)).unbind(2)  # 3 x (B, L, H, D)
+        else:
+            q = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # (B, L, H, D)
+            k = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+            v = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:

@@ -17,9 +17,17 @@ def real_freqs(freqs_cis):
 
 
 def apply_rope(x, freqs):
-    """x (B, L, H, D) any float dtype; freqs (B, L, D/2, 2) fp32 -> (B, L, H, D) in x's dtype."""
+    """x (B, L, H, D) any float dtype; freqs (B, L, D/2, 2) fp32 -> (B, L, H, D) in x's dtype.
+
+    Eager: one complex multiply (2 kernels; the real form is ~8 unfused kernels, measured +17 ms per forward at
+    1024x1024 on an H200). Compiled: the real form, which inductor fuses into the surrounding kernels.
+    """
     import torch
 
+    if not torch.compiler.is_compiling():
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, H, D/2)
+        fc = torch.view_as_complex(freqs).unsqueeze(2)  # (B, L, 1, D/2)
+        return torch.view_as_real(xc * fc).flatten(3).type_as(x)
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, L, H, D/2, 2)
     a, b = pairs[..., 0], pairs[..., 1]
     cos, sin = freqs[..., 0].unsqueeze(2), freqs[..., 1].unsqueeze(2)  # (B, L, 1, D/2)

@@ -1,0 +1,125 @@
+"""PNG metadata: A1111 `parameters` text + zimage JSON, written atomically, read back exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from zimage.errors import UsageError, ZImageError
+from zimage.io.metadata import ImageMetadata
+from zimage.io.png import encode_png, read_metadata, read_png_text, save_png
+from zimage.version import __version__
+
+META = ImageMetadata(prompt="a café at night, «neon»", negative_prompt="blurry", seed=1234, steps=9, guidance=3.5,
+                     width=1024, height=768, model="Tongyi-MAI/Z-Image-Turbo",
+                     model_revision="f332072aa78be7aecdf3ee76d5c247082da564a6", dtype="bf16")
+
+
+def image():
+    return Image.new("RGB", (16, 8), (10, 200, 30))
+
+
+def test_a1111_parameters_exact():
+    assert META.a1111_parameters() == (
+        "a café at night, «neon»\n"
+        "Negative prompt: blurry\n"
+        "Steps: 9, Sampler: Euler (flow matching), CFG scale: 3.5, Seed: 1234, Size: 1024x768, Model: Z-Image-Turbo, "
+        f"Model hash: f332072aa7, Version: zimage {__version__}"
+    )
+
+
+def test_a1111_without_negative_or_revision():
+    m = ImageMetadata(prompt="x", negative_prompt="", seed=0, steps=1, guidance=0.0, width=256, height=256,
+                      model="tiny-random", model_revision=None, dtype="fp32")
+    assert m.a1111_parameters() == (f"x\nSteps: 1, Sampler: Euler (flow matching), CFG scale: 0, Seed: 0, "
+                                    f"Size: 256x256, Model: tiny-random, Version: zimage {__version__}")
+
+
+def test_save_and_read_back(tmp_path):
+    path = save_png(image(), tmp_path / "a.png", META)
+    assert path == tmp_path / "a.png"
+    text = read_png_text(path)
+    assert text["parameters"] == META.a1111_parameters()
+    record = json.loads(text["zimage"])
+    assert record["prompt"] == META.prompt and record["zimage_version"] == __version__
+    assert set(record) == set(ImageMetadata.__dataclass_fields__)
+    assert read_metadata(path) == META
+    with Image.open(path) as im:
+        assert im.getpixel((3, 3)) == (10, 200, 30)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+def test_encode_png_bytes_carry_metadata(tmp_path):
+    data = encode_png(image(), META)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "b.png").write_bytes(data)
+    assert read_metadata(tmp_path / "b.png") == META
+
+
+def test_no_overwrite_unless_asked(tmp_path):
+    target = tmp_path / "a.png"
+    target.write_bytes(b"old")
+    with pytest.raises(UsageError, match="exists; pass --overwrite") as info:
+        save_png(image(), target, META)
+    assert info.value.param == "output" and target.read_bytes() == b"old"
+    save_png(image(), target, META, overwrite=True)
+    assert read_metadata(target) == META
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    class Broken:
+        def save(self, f, **kwargs):
+            f.write(b"\x89PNG half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_png(Broken(), tmp_path / "a.png", META)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_old_file(tmp_path):
+    class Broken:
+        def save(self, f, **kwargs):
+            raise OSError("disk full")
+
+    target = tmp_path / "a.png"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError):
+        save_png(Broken(), target, META, overwrite=True)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+def test_from_json_ignores_unknown_fields():
+    data = json.loads(META.to_json())
+    data["added_in_a_later_version"] = 1
+    assert ImageMetadata.from_json(json.dumps(data)) == META
+
+
+def test_damaged_json_chunk(tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt("zimage", "{not json")
+    image().save(tmp_path / "bad.png", pnginfo=info)
+    with pytest.raises(ZImageError, match="cannot be read") as exc:
+        read_metadata(tmp_path / "bad.png")
+    assert exc.value.exit_code == 1
+
+
+def test_missing_fields_in_json_chunk(tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt("zimage", json.dumps({"prompt": "x"}))
+    image().save(tmp_path / "partial.png", pnginfo=info)
+    with pytest.raises(ZImageError, match="cannot be read"):
+        read_metadata(tmp_path / "partial.png")
+
+
+def test_no_metadata(tmp_path):
+    image().save(tmp_path / "plain.png")
+    with pytest.raises(UsageError, match="carries no zimage generation parameters") as info:
+        read_metadata(tmp_path / "plain.png")
+    assert info.value.param == "from_png" and str(tmp_path / "plain.png") in str(info.value)
