@@ -2,38 +2,34 @@
 
 The same dot products (cat of the weight matrices along the output dimension), in fewer, larger GEMMs that read
 the input activation once. Weights are moved, not copied: the separate layers are removed, so memory is unchanged.
+This module imports torch: it is imported only when an engine is being set up.
 """
 
 from __future__ import annotations
 
+import torch
 
-def _fused_linear(layers):
-    import torch
 
-    weight = torch.cat([l.weight for l in layers])  # (sum of out, in)
+def _fused_linear(layers) -> torch.nn.Linear:
+    weight = torch.cat([layer.weight for layer in layers])  # (sum of out, in)
     fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
     fused.weight = torch.nn.Parameter(weight, requires_grad=False)
     return fused
 
 
-class FusedSwiGLU:
+class FusedSwiGLU(torch.nn.Module):
     """Replaces diffusers' FeedForward: w2(silu(w1 x) * w3 x) with w1, w3 fused. Keeps the name `w2` (the fp16
-    guard hooks it)."""
+    guard hooks it). One class for every block, so compiled graphs are shared (a class per block would make
+    dynamo recompile for each)."""
 
-    def __new__(cls, feed_forward):
-        import torch
+    def __init__(self, feed_forward):
+        super().__init__()
+        self.w13 = _fused_linear([feed_forward.w1, feed_forward.w3])
+        self.w2 = feed_forward.w2
 
-        class _FusedSwiGLU(torch.nn.Module):
-            def __init__(self, ff):
-                super().__init__()
-                self.w13 = _fused_linear([ff.w1, ff.w3])
-                self.w2 = ff.w2
-
-            def forward(self, x):
-                a, b = self.w13(x).chunk(2, dim=-1)
-                return self.w2(torch.nn.functional.silu(a) * b)
-
-        return _FusedSwiGLU(feed_forward)
+    def forward(self, x):
+        a, b = self.w13(x).chunk(2, dim=-1)
+        return self.w2(torch.nn.functional.silu(a) * b)
 
 
 def fuse_block(block) -> None:
