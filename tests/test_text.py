@@ -112,3 +112,15 @@ def test_engine_prompt_cache_across_generates(engine):
     hits, misses = engine.prompts.hits, engine.prompts.misses
     engine.generate(req)
     assert (engine.prompts.hits, engine.prompts.misses) == (hits + 1, misses)
+
+
+def test_cached_prompt_evicted_by_the_same_call_is_still_returned(engine):
+    """A batch mixing an old cached prompt with enough new ones to evict it (the server's load test hit this)."""
+    from zimage.engine.text import PromptEncoder
+
+    enc = PromptEncoder(engine.prompts.tokenizer, engine.prompts.text_encoder, engine.device, cache_size=2)
+    old = enc.encode(["old prompt"])[0]
+    out = enc.encode(["old prompt", "new one", "new two"])
+    assert len(out) == 3
+    assert torch.equal(out[0], old)
+    assert not enc.cached("old prompt") or len(enc._cache) <= 2

@@ -52,7 +52,8 @@ class PromptEncoder:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         self.hits += len(prompts) - len(todo)
         self.misses += len(todo)
-        fresh = {}  # this call's new embeddings: the cache may evict some of them when todo > cache_size
+        # This call's embeddings, taken before new entries may evict cached ones (or each other).
+        fresh = {p: self._cache[p] for p in dict.fromkeys(prompts) if p in self._cache}
         if todo:
             enc = self.tokenizer(
                 [self.template(p) for p in todo], padding="longest", max_length=self.max_tokens, truncation=True,
@@ -66,14 +67,10 @@ class PromptEncoder:
             for p, h, n in zip(todo, hidden, lengths):
                 fresh[p] = h[:n].clone()
                 self._put(p, fresh[p])
-        out = []
-        for p in prompts:
+        for p in dict.fromkeys(prompts):
             if p in self._cache:
-                self._cache.move_to_end(p)
-                out.append(self._cache[p])
-            else:
-                out.append(fresh[p])
-        return out
+                self._cache.move_to_end(p)  # recently used
+        return [fresh[p] for p in prompts]
 
     def _put(self, prompt: str, embedding) -> None:
         self._cache[prompt] = embedding
