@@ -12,7 +12,7 @@ import sys
 from zimage.errors import ZImageError
 from zimage.version import __version__
 
-SUBCOMMANDS = ("generate", "info", "plan", "show", "download", "make_tiny")
+SUBCOMMANDS = ("generate", "info", "plan", "show", "download", "make_tiny", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
