@@ -21,6 +21,8 @@ from zimage.server.worker import QueueFull
 KEEPALIVE_S = 15.0  # SSE comment line so that proxies keep an idle stream open
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 429)}
 
+DISCONNECT_POLL_S = 0.5  # how often a waiting synchronous request checks that its client is still there
+
 
 def build_public_router() -> APIRouter:
     router = APIRouter()
@@ -154,22 +156,25 @@ def _find(state, job_id: str):
 
 
 async def _wait(state, job_id: str, request: Request):
-    """Until the job is finished; cancels it if the client goes away."""
+    """Until the job is finished; cancels it if the client goes away (checked every DISCONNECT_POLL_S, also
+    while progress events keep arriving)."""
     queue = state.hub.subscribe(job_id)
     try:
-        while True:
-            job = state.store.get(job_id)
-            if job.terminal:
-                return job
+        job = state.store.get(job_id)
+        last_check = time.monotonic()
+        while not job.terminal:
             try:
-                while True:
-                    event, _ = await asyncio.wait_for(queue.get(), timeout=1.0)
-                    if event in TERMINAL_EVENTS:
-                        break
+                event, _ = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
             except TimeoutError:
+                event = None
+            if event is None or event in TERMINAL_EVENTS:
+                job = state.store.get(job_id)
+            if not job.terminal and time.monotonic() - last_check >= DISCONNECT_POLL_S:
+                last_check = time.monotonic()
                 if await request.is_disconnected():
                     state.worker.cancel(job_id)
-                    raise ApiError(409, "the client disconnected", "client_disconnected") from None
+                    raise ApiError(409, "the client disconnected", "client_disconnected")
+        return job
     finally:
         state.hub.unsubscribe(job_id, queue)
 

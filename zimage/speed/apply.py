@@ -47,21 +47,25 @@ def apply_speed(engine, mode: str, expected_images: int | None = None) -> str:
     from zimage.speed.attention import choose_attention_backend
 
     concrete = resolve_speed(mode, engine.device, expected_images)
-    engine.fast.set_attention_backend(choose_attention_backend(engine.device))
     plan = getattr(engine.policy, "plan", None)
     resident = (plan is None or plan.kind == "resident") and all(
         p.device == engine.device for p in engine.transformer.parameters())
-    if resident:
-        # Only under the resident plan: fusing allocates the fused weight before freeing the parts (one block's
-        # worth at a time), which a tight budget does not have; streamed blocks keep their pinned host layout.
+    if concrete == "compile" and not resident:
+        # Streamed blocks swap their weights in forward hooks, which a compiled block would trace into its graph.
+        log.warning("--speed compile is not combined with streamed transformer blocks yet; running eager")
+        concrete = "eager"
+    # Measured on an H200 at 1024x1024 (BENCHMARKS.md, forward variants): in eager, PyTorch's own SDPA choice and
+    # separate projections are fastest (142 ms/forward; fused 144, cuDNN 145-150); compiled, fused projections
+    # with cuDNN attention are (96.4 ms against 98.3 unfused).
+    if concrete == "compile":
+        engine.fast.set_attention_backend(choose_attention_backend(engine.device))
+        # Fusing allocates the fused weight before freeing the parts, one block at a time: resident plan only.
         from zimage.speed.fuse import fuse_block
 
         for block in engine.fast.blocks():
             fuse_block(block)
-    elif concrete == "compile":
-        # Streamed blocks swap their weights in forward hooks, which a compiled block would trace into its graph.
-        log.warning("--speed compile is not combined with streamed transformer blocks yet; running eager")
-        concrete = "eager"
+    else:
+        engine.fast.set_attention_backend("native")
     if concrete == "compile":
         compile_blocks(engine)
     return concrete

@@ -1,0 +1,106 @@
+"""Speed-path selection and the fast paths' equivalence, on CPU (CI has no GPU; the GPU figures are in
+BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from zimage.errors import UsageError
+from zimage.request import GenerateRequest
+from zimage.speed import apply as speed_apply
+from zimage.speed.apply import COMPILE_BREAK_EVEN_IMAGES, resolve_speed
+from zimage.speed.attention import CUDNN, NATIVE, choose_attention_backend
+from zimage.speed.rope import apply_rope, real_freqs
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+REQ = GenerateRequest(prompts=("a lighthouse at dusk",), width=256, height=256, steps=2, seed=11)
+
+
+@pytest.mark.parametrize("mode,device,expected,want", [
+    ("auto", CPU, None, "eager"),  # never compile a 6B model on a CPU
+    ("auto", CUDA, None, "compile"),  # a server: many images
+    ("auto", CUDA, 1, "eager"),  # a one-image CLI run never pays for compilation
+    ("auto", CUDA, COMPILE_BREAK_EVEN_IMAGES - 1, "eager"),
+    ("auto", CUDA, COMPILE_BREAK_EVEN_IMAGES, "compile"),
+    ("eager", CUDA, None, "eager"),
+    ("compile", CPU, 1, "compile"),  # explicit choices are obeyed
+])
+def test_resolve_speed(mode, device, expected, want):
+    assert resolve_speed(mode, device, expected) == want
+
+
+def test_unknown_speed_is_a_usage_error():
+    with pytest.raises(UsageError, match="unknown speed mode 'turbo'; choose one of auto, eager, compile"):
+        resolve_speed("turbo", CPU, None)
+
+
+@pytest.mark.parametrize("capability,want", [((9, 0), CUDNN), ((10, 0), CUDNN), ((8, 9), NATIVE), ((7, 5), NATIVE)])
+def test_attention_backend_by_gpu(monkeypatch, capability, want):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert choose_attention_backend(CUDA) == want
+
+
+def test_attention_backend_on_cpu_is_pytorchs_choice():
+    assert choose_attention_backend(CPU) == NATIVE
+
+
+def test_real_rope_equals_complex_rope(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, 16, generator=g)  # (B, L, H, D)
+    freqs = torch.polar(torch.ones(2, 7, 8), torch.randn(2, 7, 8, generator=g))  # (B, L, D/2) complex
+    eager = apply_rope(x, real_freqs(freqs))
+    reference = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * freqs.unsqueeze(2)).flatten(3)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # take the real-arithmetic branch
+    real = apply_rope(x, real_freqs(freqs))
+    torch.testing.assert_close(eager, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(real, reference, rtol=0, atol=1e-6)
+
+
+def _latents(engine, request=REQ):
+    cond, _ = engine.encode([request])
+    latents, _ = engine.denoise(cond, request.image_seeds(), request)
+    return latents
+
+
+def test_fused_projections_give_the_same_latents(tiny_folder):
+    from zimage.engine.engine import Engine
+    from zimage.speed.fuse import FusedSwiGLU, fuse_block
+
+    engine = Engine.load(model=str(tiny_folder), speed="eager")
+    before = _latents(engine)
+    for block in engine.fast.blocks():
+        fuse_block(block)
+    block = engine.transformer.layers[0]
+    assert isinstance(block.feed_forward, FusedSwiGLU) and not hasattr(block.attention, "to_q")
+    n_params = sum(p.numel() for p in engine.transformer.parameters())
+    after = _latents(engine)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    # weights moved, not copied
+    fresh = Engine.load(model=str(tiny_folder), speed="eager")
+    assert n_params == sum(p.numel() for p in fresh.transformer.parameters())
+
+
+def test_compile_mode_runs_and_matches_eager(tiny_folder):
+    """The compiled path end to end on the tiny model (the CPU compiles slowly: one small image)."""
+    from zimage.engine.engine import Engine
+
+    eager = Engine.load(model=str(tiny_folder), speed="eager")
+    compiled = Engine.load(model=str(tiny_folder), speed="compile")
+    assert (eager.speed, compiled.speed) == ("eager", "compile")
+    assert compiled.fast.attention_backend == choose_attention_backend(CPU)
+    assert hasattr(compiled.transformer.layers[0].attention, "to_qkv")  # compiled mode fuses
+    torch.testing.assert_close(_latents(compiled), _latents(eager), rtol=0, atol=1e-4)
+
+
+def test_compile_is_refused_for_streamed_blocks(tiny_folder, caplog):
+    """A plan that streams blocks keeps eager (hooks would be traced into the graph), and says so."""
+    from zimage.engine.engine import Engine
+
+    engine = Engine.load(model=str(tiny_folder), speed="eager")
+    engine.policy.plan = type("Plan", (), {"kind": "stream"})()
+    with caplog.at_level(logging.WARNING, logger="zimage"):
+        assert speed_apply.apply_speed(engine, "compile") == "eager"
+    assert "not combined with streamed transformer blocks" in caplog.text
