@@ -32,6 +32,7 @@ class Conditioning:
 class Engine:
     def __init__(self, config, location, device, dtype, tokenizer, scheduler, transformer, text_encoder, vae, policy):
         from zimage.engine.text import PromptEncoder
+        from zimage.speed.fast_transformer import FastTransformer
 
         self.config = config
         self.location = location  # zimage.weights.locate.ModelLocation
@@ -43,8 +44,6 @@ class Engine:
         self.vae = vae
         self.policy = policy
         self.prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens, config.prompt_cache_size)
-        from zimage.speed.fast_transformer import FastTransformer
-
         self.fast = FastTransformer(transformer)  # the step function; attention backend set by apply_speed
         self.speed = "eager"  # set by zimage.speed.apply_speed
         self.load_seconds = 0.0
