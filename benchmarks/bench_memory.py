@@ -283,7 +283,8 @@ def main() -> int:
         Path(args.child_out).write_text(json.dumps(rec))
         return 0
 
-    sys.path[:0] = [str(HERE), str(HERE.parent)]  # benchmarks/common.py and zimage, run from a checkout
+    # common.py sits beside this script (on sys.path when run as a script); zimage must be installed or on
+    # PYTHONPATH (`PYTHONPATH=. python benchmarks/bench_memory.py ...`), as for the other benchmarks.
     from common import ensure_full_model, environment
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
