@@ -122,3 +122,25 @@ def test_failed_batch_isolates_the_bad_job(make_client, gated, wait_status):
     assert wait_status(c, good["id"])["status"] == "succeeded"
     failed = wait_status(c, bad["id"])
     assert failed["status"] == "failed" and failed["error"]["code"] == "runtime_error"
+
+
+def test_compiled_engine_is_warmed_at_batch_one_and_two():
+    """Compiled graphs specialise on batch size 1; warming a batch of 2 as well compiles the batch-dynamic graph
+    that later batches reuse, so the first batches under load do not stall on compilation (seen on an H200)."""
+    from types import SimpleNamespace
+
+    from zimage.server.worker import Worker
+
+    calls = []
+    engine = SimpleNamespace(speed="compile", generate=lambda req, *a, **k: calls.append((req.num_images, req.width)))
+    for max_batch, want in ((8, [(1, 256), (2, 256)]), (1, [(1, 256)])):
+        calls.clear()
+        settings = SimpleNamespace(warmup_size=(256, 256), warmup_steps=2, max_batch=max_batch)
+        worker = Worker.__new__(Worker)  # only the warm-up is exercised
+        worker.engine, worker.settings = engine, settings
+        worker._warm_up()
+        assert calls == want
+    engine.speed, settings.max_batch = "eager", 8
+    calls.clear()
+    worker._warm_up()
+    assert calls == [(1, 256)]  # eager has nothing to specialise
