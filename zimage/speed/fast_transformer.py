@@ -27,8 +27,8 @@ class StepContext:
 
     cap: object  # (B, Lc_max, D) refined caption features (rows past Lc_i are padding)
     cap_lens: list[int]  # Lc_i
-    x_freqs: object  # (B, Nx, D/2/..., 2) real RoPE table of the image tokens (same for every image)
-    unified_freqs: object  # (B, Nx + Lc_max, ., 2)
+    x_freqs: object  # (B, Nx, head_dim/2, 2) real RoPE table of the image tokens (cos, sin)
+    unified_freqs: object  # (B, Nx + Lc_max, head_dim/2, 2)
     unified_mask: object  # (B, Nx + Lc_max) bool, or None when all Lc_i are equal
     grid: tuple[int, int]  # (h/2, w/2) image tokens per side
     n_tokens: int  # N = product of grid, before padding
