@@ -7,6 +7,7 @@ and the text encoder's decoder layers (`layers.N.`); everything else of a networ
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -55,7 +56,7 @@ def network_sizes(shapes: dict, dtype_bytes: int) -> NetworkSizes:
     blocks8: dict[int, list[int]] = {}
     rest = rest8 = 0
     for target, shape in shapes.items():
-        numel = _numel(shape)
+        numel = math.prod(shape)
         nbytes = numel * dtype_bytes
         fp8 = numel if len(shape) >= 2 and not _FP8_SKIP.search(target) else nbytes
         m = _BLOCK.match(target)
@@ -74,7 +75,7 @@ def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype_b
     """ModelSizes from {network: {module name: shape}} and {network: config dict}."""
     dim = int(configs["transformer"].get("dim", 3840))
     text_cfg = configs["text_encoder"]
-    emb = sum(_numel(s) for t, s in shapes["text_encoder"].items() if t.startswith("embed_tokens."))
+    emb = sum(math.prod(s) for t, s in shapes["text_encoder"].items() if t.startswith("embed_tokens."))
     vae = network_sizes(shapes["vae"], dtype_bytes)
     return ModelSizes(
         transformer=network_sizes(shapes["transformer"], dtype_bytes),
@@ -118,10 +119,3 @@ def published_model_sizes(dtype_bytes: int = 2) -> ModelSizes:
     }
     configs = {"transformer": FULL_TRANSFORMER, "text_encoder": FULL_TEXT, "vae": {}}
     return sizes_from_shapes(shapes, configs, dtype_bytes)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -64,10 +64,9 @@ def apply_speed(engine, mode: str, expected_images: int | None = None) -> str:
 
         for block in engine.fast.blocks():
             fuse_block(block)
+        compile_blocks(engine)
     else:
         engine.fast.set_attention_backend("native")
-    if concrete == "compile":
-        compile_blocks(engine)
     return concrete
 
 

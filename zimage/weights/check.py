@@ -3,6 +3,7 @@ shape matching the network its config describes. Errors name the folder, file an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def check_network(folder: Path, name: str) -> CheckedNetwork:
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise ModelFolderError(f"{folder / name} has {len(unexpected)} tensors the network does not know: {shown}")
-    nbytes = sum(_DTYPE_BYTES.get(t.dtype, 4) * _numel(t.shape) for _, t in tensors.values())
+    nbytes = sum(_DTYPE_BYTES.get(t.dtype, 4) * math.prod(t.shape) for _, t in tensors.values())
     return CheckedNetwork(network, tensors, nbytes)
 
 
@@ -69,9 +70,3 @@ def check_model_folder(folder: Path) -> dict[str, CheckedNetwork]:
     check_small_parts(folder)
     return {name: check_network(folder, name) for name in BUILDERS}
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -3,6 +3,7 @@ meta-built module (no random init, no second copy in host memory)."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -77,9 +78,7 @@ def _slices(checked: CheckedNetwork, n: int) -> list[tuple[Path, list[tuple[str,
     by_file: dict[Path, list[tuple[str, str, int]]] = defaultdict(list)
     total = 0
     for target, (stored, info) in checked.tensors.items():
-        numel = 1
-        for d in info.shape:
-            numel *= d
+        numel = math.prod(info.shape)
         by_file[info.file].append((stored, target, numel))
         total += numel
     share = max(total // max(n, 1), 1)
