@@ -144,3 +144,27 @@ def test_compiled_engine_is_warmed_at_batch_one_and_two():
     calls.clear()
     worker._warm_up()
     assert calls == [(1, 256)]  # eager has nothing to specialise
+
+
+def test_gpu_worker_starts_next_batch_while_images_are_encoded(make_client, gated, wait_status, monkeypatch):
+    """Encoding and storing images happens off the worker thread: a slow encoder must not hold the engine."""
+    import threading
+
+    import zimage.server.images as images
+
+    release = threading.Event()
+    real_encode = images.encode_image
+
+    def slow_encode(*args, **kwargs):
+        assert release.wait(60), "test never released the encoder"
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(images, "encode_image", slow_encode)
+    c = make_client(engine_=gated, max_batch=1)
+    first = c.post("/v1/jobs", json=body(seed=1)).json()
+    second = c.post("/v1/jobs", json=body(prompt="a second job", seed=2)).json()
+    assert gated.entered.acquire(timeout=30) and gated.entered.acquire(timeout=30)  # both engine calls began
+    assert c.get(f"/v1/jobs/{first['id']}").json()["status"] == "running"  # its image is not written yet
+    release.set()
+    assert wait_status(c, first["id"])["status"] == "succeeded"
+    assert wait_status(c, second["id"])["status"] == "succeeded"

@@ -36,6 +36,7 @@ class ServerSettings:
     max_queue: int = 64  # jobs waiting (not running) before POSTs get 429 + Retry-After
     max_batch: int = 8  # images per engine call; compatible queued jobs are batched up to this
     batch_wait_s: float = 0.0  # extra wait for companions before starting a batch (0: batch what is queued)
+    encode_threads: int = 2  # threads that encode and store finished images, so the GPU worker moves on at once
     max_attempts: int = 3  # a job whose run was interrupted (crash) this many times is failed, not re-run forever
     # defaults for requests that do not say
     default_size: tuple[int, int] = (1024, 1024)  # OpenAI "size": "auto" and missing size mean this
