@@ -15,8 +15,10 @@ LONG = " ".join(["a red fox in the snow at sunset, cinematic"] * 80)
 
 
 def n_tokens(engine, prompt: str) -> int:
-    """Token count with the chat template, computed here independently of PromptEncoder."""
-    tok = engine.prompts.tokenizer
+    """Token count with the chat template, computed here independently of PromptEncoder (by transformers)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(engine.location.path / "tokenizer")
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                    add_generation_prompt=True, enable_thinking=True)
     return len(tok(text).input_ids)
@@ -51,7 +53,7 @@ def test_small_limit_counts_exactly(engine):
     assert total > 20
     (warning,) = enc.truncation_warnings([prompt])
     assert f"is {total} tokens long" in warning and f"the last {total - 20} tokens were dropped" in warning
-    assert enc.encode([prompt])[0].shape == (20, engine.text_encoder.config.hidden_size)
+    assert enc.encode([prompt])[0].shape == (20, engine.text_encoder.hidden_size)
     assert enc.truncation_warnings(["cat"]) == []
 
 

@@ -7,17 +7,17 @@ def decode_latents(vae, latents, tile: bool = False):
     """(B, 16, h, w) float32 latents -> (B, 3, 8h, 8w) float32 in [0, 1] on the VAE's device.
 
     x = latents / scaling + shift (the Flux VAE's normalisation), decoded in the VAE's dtype.
-    `tile=True` decodes in overlapping tiles (diffusers' tiled decode) for large images on small budgets.
+    `tile=True` decodes in overlapping tiles (as diffusers' tiled decode) for large images on small budgets.
     """
     import torch
 
     cfg = vae.config
-    dtype = next(vae.parameters()).dtype
+    dtype = vae.dtype
     out = []
     with torch.inference_mode():
         for one in latents.split(1):
             z = (one / cfg.scaling_factor + cfg.shift_factor).to(dtype)
-            image = vae.tiled_decode(z, return_dict=False)[0] if tile else vae.decode(z, return_dict=False)[0]
+            image = vae.tiled_decode(z) if tile else vae.decode(z)
             out.append((image.float() / 2 + 0.5).clamp(0, 1))
     return torch.cat(out)
 

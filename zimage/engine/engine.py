@@ -53,13 +53,13 @@ class Engine:
     def load(cls, config: EngineConfig | None = None, **overrides) -> "Engine":
         """Find, check and load the model; choose device, dtype, memory plan and speed mode."""
         import torch
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        from transformers import AutoTokenizer
 
         from zimage.engine.device import resolve_device, resolve_dtype
         from zimage.engine.fp16_guard import install_fp16_guard
         from zimage.memory.policy import Parts
+        from zimage.engine.sampling import FlowMatchConfig
         from zimage.memory.select import select_policy
+        from zimage.models.tokenizer import PromptTokenizer
         from zimage.speed.apply import apply_speed
         from zimage.weights.check import check_model_folder
         from zimage.weights.load import load_network
@@ -76,8 +76,8 @@ class Engine:
         location = locate_model(config.model)
         checked = check_model_folder(location.path)  # every part present and well-formed, before reading data
 
-        tokenizer = AutoTokenizer.from_pretrained(location.path / "tokenizer")
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(location.path / "scheduler")
+        tokenizer = PromptTokenizer.from_folder(location.path / "tokenizer")
+        scheduler = FlowMatchConfig.from_file(location.path / "scheduler" / "scheduler_config.json")
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # the VAE overflows in fp16
         total = sum(c.nbytes for c in checked.values())
         bar = _progress_bar(config.show_progress, total, f"loading {location.model_id}")
@@ -130,7 +130,7 @@ class Engine:
 
         self.policy.enter("denoise")
         schedule = make_schedule(self.scheduler, shape.steps, self.device)
-        latents = initial_noise(seeds, self.transformer.config.in_channels, shape.height, shape.width, self.device)
+        latents = initial_noise(seeds, self.transformer.in_channels, shape.height, shape.width, self.device)
         index = list(range(len(seeds)))  # original position of each row still in the batch
         positive, negative = list(cond.positive), list(cond.negative)
         bar = _progress_bar(self.config.show_progress and shape.steps > 1, shape.steps, "denoising", unit="step")

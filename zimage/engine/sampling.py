@@ -7,7 +7,36 @@ t = (1000 - 1000*s') / 1000 and predicts v; the Euler step is x <- x + (s'_{i+1}
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+from zimage.errors import ModelFolderError
+
+# FlowMatchEulerDiscreteScheduler options that change the schedule; Z-Image-Turbo uses none of them. A folder that
+# sets one is refused by name rather than sampled with a different schedule than its scheduler would give.
+_UNSUPPORTED = ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                "use_beta_sigmas", "invert_sigmas", "stochastic_sampling")
+
+
+@dataclass(frozen=True)
+class FlowMatchConfig:
+    """What the schedule needs from scheduler/scheduler_config.json (diffusers' FlowMatchEulerDiscreteScheduler)."""
+
+    shift: float = 1.0
+    num_train_timesteps: int = 1000
+
+    @classmethod
+    def from_file(cls, path: Path) -> "FlowMatchConfig":
+        try:
+            config = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ModelFolderError(f"cannot read the scheduler config {path}: {e}") from None
+        used = [k for k in _UNSUPPORTED if config.get(k)]
+        if used:
+            raise ModelFolderError(f"{path} sets {used[0]}={config[used[0]]!r}; zimage samples Z-Image's schedule "
+                                   f"(a fixed shift) and supports none of {', '.join(_UNSUPPORTED)}")
+        return cls(float(config.get("shift", 1.0)), int(config.get("num_train_timesteps", 1000)))
 
 
 @dataclass(frozen=True)
@@ -20,15 +49,14 @@ class Schedule:
         return len(self.sigmas) - 1
 
 
-def make_schedule(scheduler, steps: int, device) -> Schedule:
-    """The model's schedule, computed by its own scheduler config (shift etc.), once per request."""
+def make_schedule(config: FlowMatchConfig, steps: int, device) -> Schedule:
+    """The model's schedule, once per request; float32 throughout, op for op as the scheduler's set_timesteps."""
     import torch
 
-    base = torch.linspace(1.0, 1.0 / steps, steps).tolist()
-    # mu is what the reference passes; the Turbo scheduler has use_dynamic_shifting=False and ignores it.
-    scheduler.set_timesteps(sigmas=base, device="cpu", mu=0.0)
-    sigmas = scheduler.sigmas.to(torch.float32)  # (N+1,)
-    t = scheduler.timesteps.to(torch.float32)  # (N,) = 1000 * sigma
+    base = torch.linspace(1.0, 1.0 / steps, steps)  # (N,) float32
+    shifted = config.shift * base / (1 + (config.shift - 1) * base)
+    sigmas = torch.cat([shifted, torch.zeros(1)])  # (N+1,): a terminal 0
+    t = shifted * config.num_train_timesteps  # (N,) = 1000 * sigma
     model_t = ((1000 - t) / 1000).to(device)
     return Schedule(sigmas.tolist(), model_t)
 

@@ -24,12 +24,10 @@ class PromptEncoder:
         self.misses = 0
 
     def template(self, prompt: str) -> str:
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
-        )
+        return self.tokenizer.template(prompt)
 
     def count_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(self.template(prompt)).input_ids)
+        return self.tokenizer.count_tokens(self.template(prompt))
 
     def truncation_warnings(self, prompts: list[str]) -> list[str]:
         out = []
@@ -55,15 +53,10 @@ class PromptEncoder:
         # This call's embeddings, taken before new entries may evict cached ones (or each other).
         fresh = {p: self._cache[p] for p in dict.fromkeys(prompts) if p in self._cache}
         if todo:
-            enc = self.tokenizer(
-                [self.template(p) for p in todo], padding="longest", max_length=self.max_tokens, truncation=True,
-                return_tensors="pt",
-            )
-            ids = enc.input_ids.to(self.device)  # (B, L_max)
-            mask = enc.attention_mask.to(self.device).bool()  # (B, L_max)
+            ids, mask = self.tokenizer.encode([self.template(p) for p in todo], self.max_tokens)  # (B, L_max) each
             with torch.inference_mode():
-                hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L_max, D)
-            lengths = enc.attention_mask.sum(dim=1).tolist()  # on the CPU already: no device sync
+                hidden = self.text_encoder(ids.to(self.device), mask.to(self.device).bool())  # (B, L_max, D)
+            lengths = mask.sum(dim=1).tolist()  # on the CPU already: no device sync
             for p, h, n in zip(todo, hidden, lengths):
                 fresh[p] = h[:n].clone()
                 self._put(p, fresh[p])

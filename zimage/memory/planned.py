@@ -121,9 +121,9 @@ def _embed_on_host(embed, device) -> list:
 
 
 def _set_tiles(vae, tile_px: int) -> None:
-    """diffusers' AutoencoderKL tiles at `config.sample_size` (1024 for the Flux VAE: a 1024x1024 image would be one
-    full-size tile, saving nothing). Set 512-pixel tiles (64 latent pixels), 25% overlap as diffusers blends."""
-    vae.use_tiling = True
+    """The VAE tiles at `config.sample_size` by default, as diffusers' AutoencoderKL (1024 for the Flux VAE: a
+    1024x1024 image would be one full-size tile, saving nothing). Set 512-pixel tiles (64 latent pixels), 25%
+    overlap as diffusers blends."""
     vae.tile_sample_min_size = tile_px
     vae.tile_latent_min_size = tile_px // 8  # the Flux VAE downsamples by 8
 

@@ -83,7 +83,7 @@ def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype_b
         text_embeddings=emb * dtype_bytes,
         vae=NetworkSizes((), vae.total, (), vae.total),  # the VAE is never streamed nor stored in fp8
         dim=dim,
-        ffn=int(dim / 3 * 8),  # diffusers' ZImageTransformerBlock: FeedForward(hidden_dim=int(dim / 3 * 8))
+        ffn=int(dim / 3 * 8),  # zimage.models.z_image.TransformerBlock: FeedForward(dim, int(dim / 3 * 8))
         text_hidden=int(text_cfg.get("hidden_size", 2560)),
         text_ffn=int(text_cfg.get("intermediate_size", 9728)),
         max_text_tokens=max_text_tokens,
@@ -101,21 +101,20 @@ def model_sizes(checked: dict, dtype_bytes: int = 2, max_text_tokens: int = 512)
 def published_model_sizes(dtype_bytes: int = 2) -> ModelSizes:
     """Sizes of the published Z-Image-Turbo, from its shapes (built on the meta device: no memory, ~1 s)."""
     import torch
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
 
+    from zimage.models.qwen3 import Qwen3TextEncoder
+    from zimage.models.vae import VAEDecoder
+    from zimage.models.z_image import ZImageTransformer
     from zimage.weights.tiny import FULL_TEXT, FULL_TRANSFORMER, FULL_VAE
 
-    text = dict(FULL_TEXT, num_hidden_layers=FULL_TEXT["num_hidden_layers"] - 1)  # we never run the last layer
     with torch.device("meta"):
-        tr = ZImageTransformer2DModel(**FULL_TRANSFORMER)
-        te = Qwen3Model(Qwen3Config(**text, tie_word_embeddings=True))
-        vae = AutoencoderKL(latent_channels=16, up_block_types=("UpDecoderBlock2D",) * 4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, **FULL_VAE)
+        tr = ZImageTransformer(FULL_TRANSFORMER)
+        te = Qwen3TextEncoder(FULL_TEXT, FULL_TEXT["num_hidden_layers"] - 1)  # we never run the last layer
+        vae = VAEDecoder(dict(latent_channels=16, up_block_types=("UpDecoderBlock2D",) * 4, **FULL_VAE))
     shapes = {
         "transformer": {k: tuple(v.shape) for k, v in tr.state_dict().items()},
-        "text_encoder": {k: tuple(v.shape) for k, v in te.state_dict().items() if not k.startswith("norm.")},
-        "vae": {k: tuple(v.shape) for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant"))},
+        "text_encoder": {k: tuple(v.shape) for k, v in te.state_dict().items()},
+        "vae": {k: tuple(v.shape) for k, v in vae.state_dict().items()},
     }
     configs = {"transformer": FULL_TRANSFORMER, "text_encoder": FULL_TEXT, "vae": {}}
     return sizes_from_shapes(shapes, configs, dtype_bytes)

@@ -1,9 +1,9 @@
 """The transformer forward of text-to-image, restructured for speed; the same function as diffusers'
-ZImageTransformer2DModel.forward (basic mode), built from its own modules.
+ZImageTransformer2DModel.forward (basic mode), built from the modules of zimage.models.z_image.
 
 What is moved out of the step loop (all of it depends on captions and image size only, not on x or t):
 - caption embedding and the 2 context-refiner blocks (they have no timestep modulation);
-- padding, pad tokens, position ids and RoPE tables (as real cos/sin, see zimage.speed.rope);
+- padding, pad tokens, position ids and RoPE tables (as real cos/sin, see zimage.models.z_image.apply_rope);
 - attention masks (None when every sequence of the batch has the same length, the usual case).
 Per step remain: timestep embedding, patchify + x embedding, 2 noise-refiner blocks, 30 joint blocks, final layer,
 unpatchify. Shapes: B images, C=16 latent channels, latent h x w, p=2 patch, N = (h/2)(w/2) image tokens padded
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SEQ_MULTI_OF = 32  # diffusers' Z-Image pads every sequence to a multiple of this
+SEQ_MULTI_OF = 32  # Z-Image pads every sequence to a multiple of this
 
 
 def _pad_len(n: int) -> int:
@@ -35,37 +35,35 @@ class StepContext:
 
 
 class FastTransformer:
-    """Wraps a loaded ZImageTransformer2DModel; `prepare` once per request, `forward` once per step."""
+    """Wraps a loaded zimage.models.z_image.ZImageTransformer; `prepare` once per request, `forward` once per step."""
 
     def __init__(self, model, attention_backend: str = "native"):
         self.model = model
         self.set_attention_backend(attention_backend)
-        self.patch = 2  # all_patch_size (2,), f_patch_size (1,) in every published config
+        self.patch = model.patch  # 2 (and frame patch 1) in every published config
         self.embed_x = model.all_x_embedder["2-1"]
         self.final = model.all_final_layer["2-1"]
 
     def set_attention_backend(self, backend: str) -> None:
-        """Install the real-RoPE processor with `backend` on every block (they expect real RoPE tables)."""
-        from zimage.speed.attention import RealRopeAttnProcessor
+        """Use the SDPA kernel `backend` (zimage.models.z_image.ATTENTION_BACKENDS) in every block."""
+        from zimage.models.z_image import ATTENTION_BACKENDS
 
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
         self.attention_backend = backend
-        processor = RealRopeAttnProcessor(backend)
         for block in self.blocks():
-            block.attention.set_processor(processor)
+            block.attention.backend = backend
 
     def blocks(self):
-        m = self.model
-        return list(m.noise_refiner) + list(m.context_refiner) + list(m.layers)
+        return self.model.blocks()
 
     # ---------------------------------------------------------------- once per request
     def _rope(self, ids):
         """ids (L, 3) int -> real RoPE table (L, head_dim/2, 2) fp32."""
-        from zimage.speed.rope import real_freqs
-
-        return real_freqs(self.model.rope_embedder(ids))
+        return self.model.rope(ids)
 
     def _grid_ids(self, f, h, w, start, device):
-        return self.model.create_coordinate_grid(size=(f, h, w), start=start, device=device).flatten(0, 2)
+        return self.model.coordinate_grid((f, h, w), start, device)
 
     def prepare(self, captions: list, height: int, width: int):
         """captions: B tensors (L_i, cap_dim); height/width: latent size (h, w). Returns a StepContext."""

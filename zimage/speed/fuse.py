@@ -18,8 +18,8 @@ def _fused_linear(layers) -> torch.nn.Linear:
 
 
 class FusedSwiGLU(torch.nn.Module):
-    """Replaces diffusers' FeedForward: w2(silu(w1 x) * w3 x) with w1, w3 fused. Keeps the name `w2` (the fp16
-    guard hooks it). One class for every block, so compiled graphs are shared (a class per block would make
+    """Replaces zimage.models.z_image.FeedForward: w2(silu(w1 x) * w3 x), w1 and w3 fused. Keeps the name `w2` (the
+    fp16 guard hooks it). One class for every block, so compiled graphs are shared (a class per block would make
     dynamo recompile for each)."""
 
     def __init__(self, feed_forward):

@@ -63,7 +63,7 @@ def load_network(checked: CheckedNetwork, device, dtype, progress=None, converte
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)  # reads and casts are done (for the timing below)
     module.load_state_dict(state, strict=True, assign=True)
-    _materialize_buffers(module, device)
+    _check_materialized(module)
     module.requires_grad_(False)
     module.eval()
     if converted_cache and cached is None:
@@ -96,17 +96,8 @@ def _slices(checked: CheckedNetwork, n: int) -> list[tuple[Path, list[tuple[str,
     return tasks
 
 
-def _materialize_buffers(module, device) -> None:
-    """Non-persistent buffers (e.g. Qwen3's rotary inv_freq) are not in checkpoints; rebuild them on `device`."""
-    import torch
-
-    for name, sub in module.named_modules():
-        if any(b.is_meta for b in sub.buffers(recurse=False)):
-            if type(sub).__name__.endswith("RotaryEmbedding") and hasattr(sub, "config"):
-                parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
-                setattr(parent, name.rpartition(".")[2], type(sub)(config=sub.config).to(device))
-            else:
-                raise RuntimeError(f"buffer of {name} ({type(sub).__name__}) was not loaded and cannot be rebuilt")
+def _check_materialized(module) -> None:
+    """zimage.models have no buffers and every parameter is in the checkpoint: nothing may be left on meta."""
     left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"tensors left on the meta device after loading: {left[:5]}")

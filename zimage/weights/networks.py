@@ -1,11 +1,13 @@
 """The three networks, built on the meta device from a folder's configs (no memory, no init), plus the rules that
 map a checkpoint's tensor names to them.
 
-We use diffusers' / transformers' classes (the maintained reference) and own only the loading:
-- transformer: `ZImageTransformer2DModel`, all tensors used.
-- text encoder: `Qwen3Model` cut after layer L-2: the pipeline reads `hidden_states[-2]`, the input of the last
-  layer, so the last layer and the final norm are never computed (and their ~1/36 of the bytes never read).
-- VAE: `AutoencoderKL` decoder only: text-to-image never encodes an image.
+The classes are zimage.models' torch-only twins of diffusers' and transformers' (same tensor names, outputs equal
+to fp32 rounding, tested against them): importing those libraries costs more than reading the weights.
+- transformer: `ZImageTransformer` (diffusers' `ZImageTransformer2DModel`), all tensors used.
+- text encoder: `Qwen3TextEncoder` (transformers' `Qwen3Model`) cut after layer L-2: the pipeline reads
+  `hidden_states[-2]`, the input of the last layer, so the last layer and the final norm are never computed (and
+  their ~1/36 of the bytes never read).
+- VAE: `VAEDecoder` (diffusers' `AutoencoderKL`, decoder only): text-to-image never encodes an image.
 """
 
 from __future__ import annotations
@@ -55,25 +57,23 @@ def _construct(folder: Path, component: WeightComponent, build: Callable[[], obj
 
 
 def build_transformer(folder: Path) -> MetaNetwork:
-    from diffusers import ZImageTransformer2DModel
+    from zimage.models.z_image import ZImageTransformer
 
     config = _read_config(folder, TRANSFORMER)
-    module = _construct(folder, TRANSFORMER, lambda: ZImageTransformer2DModel.from_config(config))
+    module = _construct(folder, TRANSFORMER, lambda: ZImageTransformer(config))
     return MetaNetwork(TRANSFORMER, module, lambda name: name, config)
 
 
 def build_text_encoder(folder: Path) -> MetaNetwork:
-    import torch
-    from transformers import Qwen3Config, Qwen3Model
+    from zimage.models.qwen3 import Qwen3TextEncoder
 
     config = _read_config(folder, TEXT_ENCODER)
-    qconfig = _construct(folder, TEXT_ENCODER, lambda: Qwen3Config.from_dict(config))
-    num_layers = qconfig.num_hidden_layers
-    if num_layers < 2:
-        raise ModelFolderError(f"text_encoder/config.json has num_hidden_layers={num_layers}; at least 2 are needed")
-    qconfig.num_hidden_layers = num_layers - 1  # hidden_states[-2] == output of layer L-2
-    module = _construct(folder, TEXT_ENCODER, lambda: Qwen3Model(qconfig))
-    module.norm = torch.nn.Identity()  # last_hidden_state is now the un-normed output of layer L-2
+    num_layers = config.get("num_hidden_layers")
+    if not isinstance(num_layers, int) or num_layers < 2:
+        raise ModelFolderError(f"{folder / TEXT_ENCODER.name / TEXT_ENCODER.config_file} has num_hidden_layers="
+                               f"{num_layers!r}; at least 2 are needed")
+    # hidden_states[-2] == the output of layer L-2: keep layers 0..L-2, no final norm
+    module = _construct(folder, TEXT_ENCODER, lambda: Qwen3TextEncoder(config, num_layers - 1))
     skipped_layer = re.compile(rf"^layers\.{num_layers - 1}\.")
 
     def rename(name: str) -> str | None:
@@ -87,13 +87,10 @@ def build_text_encoder(folder: Path) -> MetaNetwork:
 
 
 def build_vae_decoder(folder: Path) -> MetaNetwork:
-    import torch
-    from diffusers import AutoencoderKL
+    from zimage.models.vae import VAEDecoder
 
     config = _read_config(folder, VAE)
-    module = _construct(folder, VAE, lambda: AutoencoderKL.from_config(config))
-    module.encoder = None
-    module.quant_conv = None
+    module = _construct(folder, VAE, lambda: VAEDecoder(config))
 
     def rename(name: str) -> str | None:
         return None if name.startswith(("encoder.", "quant_conv.")) else name
