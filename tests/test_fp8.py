@@ -288,3 +288,36 @@ def test_fp8_matmul_supported(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delattr(torch, "_scaled_mm")
     assert not fp8_matmul_supported("cuda")
+
+
+# ---------------------------------------------------------------- the engine with --fp8 (the user's lossy choice)
+def test_engine_with_fp8_quantises_the_transformer_plans_for_it_and_says_so(tiny_folder):
+    from zimage.engine.engine import Engine
+    from zimage.request import GenerateRequest
+
+    request = GenerateRequest(prompts=("a lighthouse",), width=256, height=256, steps=2, seed=5)
+    plain = Engine.load(model=str(tiny_folder), speed="eager")
+    fp8 = Engine.load(model=str(tiny_folder), speed="eager", fp8=True)
+    layers = [m for m in fp8.transformer.modules() if isinstance(m, FP8Linear)]
+    assert len(layers) == len(fp8_names(plain.transformer))
+    assert not any(m.matmul for m in layers)  # no FP8 tensor cores on a CPU: stored in fp8, multiplied in fp32
+    assert fp8.policy.plan.weight_dtype == "fp8" and fp8.describe()["dtype"] == "fp32+fp8"
+    assert plain.describe()["dtype"] == "fp32"
+    result = fp8.generate(request)
+    assert result.images[0].metadata.dtype == "fp32+fp8"  # the PNG records that the image is from fp8 weights
+
+    def latents(engine):
+        cond, _ = engine.encode([request])
+        return engine.denoise(cond, request.image_seeds(), request)[0]
+
+    a, b = latents(plain), latents(fp8)
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < 0.2, rel  # changed (lossy), but the same image in kind
+
+
+def test_compile_mode_does_not_fuse_fp8_layers(tiny_folder):
+    from zimage.engine.engine import Engine
+
+    engine = Engine.load(model=str(tiny_folder), speed="compile", fp8=True)
+    attn = engine.transformer.layers[0].attention
+    assert isinstance(attn.to_q, FP8Linear) and not hasattr(attn, "to_qkv")

@@ -18,6 +18,12 @@ def test_plan_published_shapes(capsys):
     assert "memory plan: stream" in out and "of 12.0 GiB" in out
 
 
+def test_plan_published_shapes_fp8_keeps_the_transformer_resident_at_12_gib(capsys):
+    assert main(["plan", "--model", "published", "--vram-budget", "12", "--fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "+fp8" in out and "memory plan: stream" not in out
+
+
 def test_plan_too_small_is_a_usage_error(tiny_folder, capsys):
     assert main(["plan", "--model", str(tiny_folder), "--vram-budget", "0.2"]) == 2
     assert "too small" in capsys.readouterr().err

@@ -66,13 +66,17 @@ def test_too_small_names_the_minimum(published_sizes):
     assert fits(choose_plan(need, published_sizes))  # ... and the minimum it names is enough
 
 
-def test_fp8_only_when_allowed(published_sizes):
+def test_fp8_only_when_asked_for_and_then_always(published_sizes):
     need = minimum_budget(leanest_plan(published_sizes, 1024, 1024))
     with pytest.raises(UsageError):
         choose_plan(need - 1, published_sizes)
-    plan = choose_plan(need - 1, published_sizes, allow_fp8=True)
+    plan = choose_plan(need - 1, published_sizes, fp8=True)
     assert plan.weight_dtype == "fp8" and plan.kind.endswith("+fp8")
-    assert choose_plan(int(80 * GIB), published_sizes, allow_fp8=True).weight_dtype == "bf16"  # lossless first
+    assert choose_plan(int(80 * GIB), published_sizes).weight_dtype == "bf16"  # lossless unless asked
+    assert choose_plan(int(80 * GIB), published_sizes, fp8=True).weight_dtype == "fp8"  # the user's choice holds
+    # fp8 storage halves the transformer: 12 GiB then holds it resident (bf16 must stream part of it)
+    assert choose_plan(int(12 * GIB), published_sizes).transformer_streamed > 0
+    assert choose_plan(int(12 * GIB), published_sizes, fp8=True).transformer_streamed == 0
 
 
 def test_bigger_images_need_more(published_sizes):

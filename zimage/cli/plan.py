@@ -47,7 +47,7 @@ def run(args) -> int:
     budget = budget_bytes(EngineConfig(vram_budget_gib=args.vram_budget), device)
     if budget is None:
         raise UsageError("no GPU is visible: give the budget to plan for with --vram-budget GIB", param="vram_budget")
-    plan = choose_plan(budget, sizes, args.width, args.height, args.batch)
+    plan = choose_plan(budget, sizes, args.width, args.height, args.batch, fp8=args.fp8)
     print(f"model sizes from {source}: transformer {sizes.transformer.total / GIB:.2f} GiB "
           f"({len(sizes.transformer.blocks)} blocks of {sizes.transformer.block / GIB:.2f}), text encoder "
           f"{sizes.text_encoder.total / GIB:.2f} GiB, VAE decoder {sizes.vae.total / GIB:.2f} GiB (bf16)")

@@ -66,7 +66,7 @@ def settings_from_args(args, environ=os.environ):
         host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(),
         api_key=args.api_key or environ.get(API_KEY_ENV) or None,
         model=args.model, device=args.device, dtype=args.dtype, speed=args.speed,
-        vram_budget_gib=args.vram_budget, max_queue=args.max_queue, max_batch=args.max_batch,
+        vram_budget_gib=args.vram_budget, fp8=args.fp8, max_queue=args.max_queue, max_batch=args.max_batch,
         batch_wait_s=args.batch_wait, default_size=size("default-size", args.default_size),
         warmup_size=None if args.warmup_size.lower() == "none" else size("warmup-size", args.warmup_size),
         cors_origins=tuple(args.cors_origin), public_url=args.public_url, previews=not args.no_previews,

@@ -19,6 +19,8 @@ class EngineConfig:
     speed: str = "auto"  # auto | eager | compile: see zimage.speed.apply (auto picks per device, measured)
     expected_images: int | None = None  # how many images this process will make (None: many, e.g. a server)
     vram_budget_gib: float | None = None  # memory plan budget; None: free VRAM less a margin (zimage.memory)
+    fp8: bool = False  # opt-in, LOSSY: transformer matrices stored in fp8 (half the memory); on GPUs with FP8
+    # tensor cores (compute capability >= 8.9) their products also run in fp8 (zimage.speed.fp8)
     max_text_tokens: int = 512  # the text encoder reads at most this many tokens per prompt (model limit)
     prompt_cache_size: int = 32  # prompt embeddings kept, so a repeated prompt skips the text encoder
     converted_cache: bool = False  # keep a copy of the weights in the compute dtype (bf16) in zimage's cache, tied

@@ -87,6 +87,10 @@ class Engine:
             # Each network is loaded straight to where the plan keeps it (device, or host memory to stream from).
             conv = config.converted_cache
             transformer = load_network(checked["transformer"], policy.home("transformer", device), dtype, step, conv)
+            if policy.plan.weight_dtype == "fp8":  # the user's lossy choice; quantised where it was loaded
+                from zimage.speed.fp8 import fp8_matmul_supported, quantize_transformer
+
+                quantize_transformer(transformer, matmul=dtype == torch.bfloat16 and fp8_matmul_supported(device))
             text_encoder = load_network(checked["text_encoder"], policy.home("text_encoder", device), dtype, step, conv)
             vae = load_network(checked["vae"], policy.home("vae", device), vae_dtype, step)
         finally:
@@ -238,22 +242,25 @@ class Engine:
             results.append(GenerateResult(r, mine, dict(timings), warnings))
         return results
 
-    def metadata(self, request: GenerateRequest, index: int) -> ImageMetadata:
+    def _weights_dtype(self) -> str:
+        """The compute dtype, with '+fp8' when the transformer's matrices are stored in fp8 (lossy: recorded)."""
         from zimage.engine.device import dtype_name
 
+        fp8 = getattr(getattr(self.policy, "plan", None), "weight_dtype", None) == "fp8"
+        return dtype_name(self.dtype) + ("+fp8" if fp8 else "")
+
+    def metadata(self, request: GenerateRequest, index: int) -> ImageMetadata:
         return ImageMetadata(
             prompt=request.image_prompts()[index], negative_prompt=request.negative_prompt if request.cfg else "",
             seed=request.image_seeds()[index], steps=request.steps, guidance=request.guidance,
             width=request.width, height=request.height, model=self.location.model_id,
-            model_revision=self.location.revision, dtype=dtype_name(self.dtype),
+            model_revision=self.location.revision, dtype=self._weights_dtype(),
         )
 
     def describe(self) -> dict:
-        from zimage.engine.device import dtype_name
-
         return {
             "model": self.location.model_id, "path": str(self.location.path), "source": self.location.source,
-            "revision": self.location.revision, "device": str(self.device), "dtype": dtype_name(self.dtype),
+            "revision": self.location.revision, "device": str(self.device), "dtype": self._weights_dtype(),
             "memory_plan": self.policy.describe(), "speed": self.speed, "load_seconds": round(self.load_seconds, 3),
         }
 

@@ -28,8 +28,9 @@ class PlannedPolicy(MemoryPolicy):
         self._embed_hooks = []
 
     def home(self, network: str, device):
-        """Streamed or offloaded networks are loaded into host memory; `place` moves their resident parts."""
-        if network == "transformer" and self.plan.transformer_streamed:
+        """Streamed or offloaded networks are loaded into host memory; `place` moves their resident parts. A
+        transformer stored in fp8 is loaded (bf16) and quantised on the host, so the GPU never holds the bf16 copy."""
+        if network == "transformer" and (self.plan.transformer_streamed or self.plan.weight_dtype == "fp8"):
             return "cpu"
         if network == "text_encoder" and self.plan.text_offloaded:
             return "cpu"
@@ -38,11 +39,6 @@ class PlannedPolicy(MemoryPolicy):
     def place(self, parts: Parts) -> None:
         from zimage.memory.streamer import BlockStreamer
 
-        if self.plan.weight_dtype != "bf16":
-            from zimage.errors import UsageError
-
-            raise UsageError(f"weight dtype {self.plan.weight_dtype!r} is planned but not implemented; only bf16 is",
-                             param="vram_budget")
         self.parts = parts
         device = parts.device
         tr, te = parts.transformer, parts.text_encoder

@@ -8,8 +8,8 @@ where W = resident transformer + resident text encoder + VAE. A plan fits when i
 fragmentation, cuBLAS workspaces) is within the budget.
 
 Cost model, used only to rank plans that fit: seconds added per image = transformer bytes streamed per image / bus
-bandwidth + text-encoder bytes streamed per new prompt / bandwidth + a fixed price for tiled decode. Lossless
-(bf16) plans always win over fp8 ones; fp8 is considered only when allowed (it is lossy).
+bandwidth + text-encoder bytes streamed per new prompt / bandwidth + a fixed price for tiled decode. fp8 plans
+(transformer matrices at 1 byte) are made only when the user asks for fp8 (it is lossy), and then all plans are.
 """
 
 from __future__ import annotations
@@ -108,10 +108,10 @@ def candidates(s: ModelSizes, budget: int, width: int, height: int, batch: int, 
             yield make_plan(s, budget, width, height, batch, n_blocks, 0, True, tiled, fp8)  # the leanest
 
 
-def leanest_plan(s: ModelSizes, width: int, height: int, batch: int = 1, allow_fp8: bool = False,
+def leanest_plan(s: ModelSizes, width: int, height: int, batch: int = 1, fp8: bool = False,
                  budget: int = 0) -> MemoryPlan:
-    """Everything that can be streamed is, decode is tiled (fp8 storage if allowed)."""
-    return make_plan(s, budget, width, height, batch, len(s.transformer.blocks), 0, True, True, allow_fp8)
+    """Everything that can be streamed is, decode is tiled (with fp8 storage if asked for)."""
+    return make_plan(s, budget, width, height, batch, len(s.transformer.blocks), 0, True, True, fp8)
 
 
 def minimum_budget(plan: MemoryPlan) -> int:
@@ -123,17 +123,17 @@ def minimum_budget(plan: MemoryPlan) -> int:
 
 
 def choose_plan(budget_bytes: int, sizes: ModelSizes, width: int = 1024, height: int = 1024, batch: int = 1,
-                allow_fp8: bool = False) -> MemoryPlan:
-    """The fastest plan that fits `budget_bytes` of GPU memory; UsageError (naming the minimum) if none does."""
+                fp8: bool = False) -> MemoryPlan:
+    """The fastest plan that fits `budget_bytes` of GPU memory; UsageError (naming the minimum) if none does.
+    `fp8`: plans with the transformer's matrices stored in fp8 (the user's lossy choice), else bf16 ones."""
     if budget_bytes <= 0:
         raise UsageError(f"the VRAM budget must be positive, got {budget_bytes / GIB:.2f} GiB", param="vram_budget")
-    for fp8 in (False, True) if allow_fp8 else (False,):
-        fitting = [p for p in candidates(sizes, budget_bytes, width, height, batch, fp8) if fits(p)]
-        if fitting:
-            # Fastest first; ties (e.g. zero cost) go to the simpler plan: fewer streamed, untiled, not offloaded.
-            return min(fitting, key=lambda p: (cost_s(p), p.transformer_streamed, p.tiled_decode, p.text_offloaded,
-                                               -p.text_resident_layers))
-    leanest = leanest_plan(sizes, width, height, batch, allow_fp8)
+    fitting = [p for p in candidates(sizes, budget_bytes, width, height, batch, fp8) if fits(p)]
+    if fitting:
+        # Fastest first; ties (e.g. zero cost) go to the simpler plan: fewer streamed, untiled, not offloaded.
+        return min(fitting, key=lambda p: (cost_s(p), p.transformer_streamed, p.tiled_decode, p.text_offloaded,
+                                           -p.text_resident_layers))
+    leanest = leanest_plan(sizes, width, height, batch, fp8)
     need = minimum_budget(leanest)
     raise UsageError(
         f"a VRAM budget of {budget_bytes / GIB:.2f} GiB is too small for {width}x{height} (batch {batch}): "

@@ -40,11 +40,11 @@ def plan_for(config, device, dtype, checked, width: int = PLAN_WIDTH, height: in
     budget = budget_bytes(config, device) if device.type == "cuda" or config.vram_budget_gib is not None else None
     if budget is None:  # not a GPU: all resident, its budget is what it needs
         n_text = len(sizes.text_encoder.blocks)
-        plan = make_plan(sizes, 0, width, height, batch, 0, n_text, False, False, False)
+        plan = make_plan(sizes, 0, width, height, batch, 0, n_text, False, False, config.fp8)
         from dataclasses import replace
 
         return replace(plan, budget_bytes=minimum_budget(plan)), sizes
-    return choose_plan(budget, sizes, width, height, batch, allow_fp8=False), sizes
+    return choose_plan(budget, sizes, width, height, batch, fp8=config.fp8), sizes
 
 
 def select_policy(config, device, dtype, checked) -> MemoryPolicy:
@@ -61,7 +61,7 @@ def describe_plan(args, device, dtype, checked) -> str:
     from zimage.engine.config import EngineConfig
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                          vram_budget_gib=getattr(args, "vram_budget", None))
+                          vram_budget_gib=getattr(args, "vram_budget", None), fp8=getattr(args, "fp8", False))
     plan, _ = plan_for(config, device, dtype, checked, getattr(args, "width", PLAN_WIDTH),
                        getattr(args, "height", PLAN_HEIGHT))
     return f"memory plan: {plan.describe()}"

@@ -37,7 +37,8 @@ def default_loader(settings: ServerSettings):
         from zimage.engine.engine import Engine
 
         return Engine.load(EngineConfig(model=settings.model, device=settings.device, dtype=settings.dtype,
-                                        speed=settings.speed, vram_budget_gib=settings.vram_budget_gib))
+                                        speed=settings.speed, vram_budget_gib=settings.vram_budget_gib,
+                                        fp8=settings.fp8))
 
     return load
 

@@ -32,6 +32,7 @@ class ServerSettings:
     dtype: str = "auto"
     speed: str = "auto"
     vram_budget_gib: float | None = None  # None: free VRAM less a margin (zimage.memory)
+    fp8: bool = False  # lossy fp8 transformer matrices (zimage.engine.config.EngineConfig.fp8)
     # scheduling
     max_queue: int = 64  # jobs waiting (not running) before POSTs get 429 + Retry-After
     max_batch: int = 8  # images per engine call; compatible queued jobs are batched up to this

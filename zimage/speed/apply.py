@@ -60,10 +60,12 @@ def apply_speed(engine, mode: str, expected_images: int | None = None) -> str:
     if concrete == "compile":
         engine.fast.set_attention_backend(choose_attention_backend(engine.device))
         # Fusing allocates the fused weight before freeing the parts, one block at a time: resident plan only.
-        from zimage.speed.fuse import fuse_block
+        # fp8 layers are not fused (they were quantised at load, one scale per row of each separate matrix).
+        if getattr(plan, "weight_dtype", "bf16") != "fp8":
+            from zimage.speed.fuse import fuse_block
 
-        for block in engine.fast.blocks():
-            fuse_block(block)
+            for block in engine.fast.blocks():
+                fuse_block(block)
         compile_blocks(engine)
     else:
         engine.fast.set_attention_backend("native")
