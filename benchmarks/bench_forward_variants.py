@@ -19,6 +19,7 @@ def main() -> None:
     import torch
     from diffusers import ZImageTransformer2DModel
 
+    from zimage.models.z_image import ZImageTransformer
     from zimage.speed.fast_transformer import FastTransformer
     from zimage.speed.fuse import fuse_block
     from zimage.weights.tiny import FULL_TRANSFORMER
@@ -35,14 +36,17 @@ def main() -> None:
     res = {"env": environment()}
     with torch.inference_mode():
         res["diffusers_forward_ms"] = cuda_ms(lambda: model(list(x.unsqueeze(2).unbind(0)), t, [cap], return_dict=False))
-        fast = FastTransformer(model)
-        for backend in ("native", "_native_cudnn"):
+        ours = ZImageTransformer(dict(model.config)).to("cuda", torch.bfloat16).eval().requires_grad_(False)
+        ours.load_state_dict(model.state_dict())  # the same weights in zimage's module tree
+        del model
+        fast = FastTransformer(ours)
+        for backend in ("native", "cudnn"):
             fast.set_attention_backend(backend)
             ctx = fast.prepare([cap], 128, 128)
             res[f"zimage_unfused_{backend}_ms"] = cuda_ms(lambda: fast.forward(x, t, ctx))
         for block in fast.blocks():
             fuse_block(block)
-        for backend in ("native", "_native_cudnn"):
+        for backend in ("native", "cudnn"):
             fast.set_attention_backend(backend)
             ctx = fast.prepare([cap], 128, 128)
             res[f"zimage_fused_{backend}_ms"] = cuda_ms(lambda: fast.forward(x, t, ctx))

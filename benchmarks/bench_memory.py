@@ -268,6 +268,8 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--skip", default="", help="comma list of: zimage, diffusers, cold, cold-disk")
     p.add_argument("--budgets", default="16,12,8", help="GiB budgets besides resident and the smallest")
+    p.add_argument("--diffusers-modes", default="model_cpu_offload,group_text_encoder,group_all",
+                   help="diffusers low-memory modes to run (comma list)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     p.add_argument("--started", type=float, help=argparse.SUPPRESS)
@@ -309,7 +311,7 @@ def main() -> int:
             if "error" not in rec:
                 break
     if "diffusers" not in skip:
-        for mode in ("model_cpu_offload", "group_text_encoder", "group_all"):  # diffusers resident: bench_speed
+        for mode in args.diffusers_modes.split(","):  # diffusers resident: bench_speed
             results["diffusers"][mode] = spawn(args, "diffusers", mode, 150)
             print(f"diffusers {mode}: {results['diffusers'][mode].get('new_prompt_s', results['diffusers'][mode].get('error'))}", flush=True)
     if "cold" not in skip:

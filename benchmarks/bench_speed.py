@@ -87,7 +87,8 @@ def bench_zimage(folder: Path, mode: str, repeats: int, sizes: list) -> dict:
     from zimage import Engine, GenerateRequest
 
     t = time.perf_counter()
-    engine = Engine.load(model=str(folder), speed=mode)
+    speed, _, extra = mode.partition("+")  # e.g. "compile+fp8": the lossy fp8 mode (--fp8) on top of compile
+    engine = Engine.load(model=str(folder), speed=speed, fp8=extra == "fp8")
     load_s = time.perf_counter() - t
     counter = iter(range(10_000))
 
@@ -135,7 +136,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--modes", default="eager,compile,compile+fp8", help="zimage runs: eager, compile, MODE+fp8")
     p.add_argument("--no-sizes", action="store_true")
     p.add_argument("--no-fp32-bound", action="store_true")
     p.add_argument("--size", default="1024x1024", help="main size (smaller for a CPU smoke test)")
