@@ -100,7 +100,18 @@ def test_compile_is_refused_for_streamed_blocks(tiny_folder, caplog):
     from zimage.engine.engine import Engine
 
     engine = Engine.load(model=str(tiny_folder), speed="eager")
-    engine.policy.plan = type("Plan", (), {"kind": "stream"})()
+    engine.policy.plan = type("Plan", (), {"kind": "stream", "transformer_streamed": 3})()
     with caplog.at_level(logging.WARNING, logger="zimage"):
         assert speed_apply.apply_speed(engine, "compile") == "eager"
     assert "not combined with streamed transformer blocks" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["text-offload", "resident+tiled", "text-offload+tiled+fp8"])
+def test_compile_is_kept_when_the_whole_transformer_is_resident(tiny_folder, monkeypatch, kind):
+    """Only streamed transformer blocks stop compilation; offloading the text encoder or tiling the decode do not."""
+    from zimage.engine.engine import Engine
+
+    engine = Engine.load(model=str(tiny_folder), speed="eager")
+    engine.policy.plan = type("Plan", (), {"kind": kind, "transformer_streamed": 0, "weight_dtype": "bf16"})()
+    monkeypatch.setattr(speed_apply, "compile_blocks", lambda e: None)  # the choice is under test, not inductor
+    assert speed_apply.apply_speed(engine, "compile") == "compile"

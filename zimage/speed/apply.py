@@ -48,7 +48,9 @@ def apply_speed(engine, mode: str, expected_images: int | None = None) -> str:
 
     concrete = resolve_speed(mode, engine.device, expected_images)
     plan = getattr(engine.policy, "plan", None)
-    resident = (plan is None or plan.kind == "resident") and all(
+    # Compile needs the transformer fully on the device; the text encoder's and the VAE's placement do not matter
+    # (text-offload, tiled decode and fp8 storage plans compile too).
+    resident = (plan is None or plan.transformer_streamed == 0) and all(
         p.device == engine.device for p in engine.transformer.parameters())
     if concrete == "compile" and not resident:
         # Streamed blocks swap their weights in forward hooks, which a compiled block would trace into its graph.
