@@ -56,8 +56,8 @@ class Engine:
 
         from zimage.engine.device import resolve_device, resolve_dtype
         from zimage.engine.fp16_guard import install_fp16_guard
-        from zimage.memory.policy import Parts
         from zimage.engine.sampling import FlowMatchConfig
+        from zimage.memory.policy import Parts
         from zimage.memory.select import select_policy
         from zimage.models.tokenizer import PromptTokenizer
         from zimage.speed.apply import apply_speed

@@ -61,9 +61,9 @@ def apply_speed(engine, mode: str, expected_images: int | None = None) -> str:
     # with cuDNN attention are (96.4 ms against 98.3 unfused).
     if concrete == "compile":
         engine.fast.set_attention_backend(choose_attention_backend(engine.device))
-        # Fusing allocates the fused weight before freeing the parts, one block at a time: resident plan only.
-        # fp8 layers are not fused (they were quantised at load, one scale per row of each separate matrix).
-        if getattr(plan, "weight_dtype", "bf16") != "fp8":
+        # Fusing allocates each fused weight before freeing its parts: only under the all-resident bf16 plan (a
+        # 16 GiB cap once ran out of memory there). fp8 plans ("resident+fp8") keep their separately scaled layers.
+        if plan is None or plan.kind == "resident":
             from zimage.speed.fuse import fuse_block
 
             for block in engine.fast.blocks():
