@@ -87,10 +87,10 @@ class FP8Linear(nn.Module):
             return F.linear(x, self.dequantized(), self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        # Activation scales per row (token), fp32 (M, 1) contiguous; x quantised row-major (M, K) as _scaled_mm
-        # wants its first operand (`.contiguous()` is a no-op unless x came in transposed).
-        scale_a = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=SCALE_MIN)
-        x8 = (x2.float() / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()
+        # Activations quantised per row (token) exactly as the weights are: scale_a fp32 (M, 1); x8 row-major
+        # (M, K) as _scaled_mm wants its first operand (`.contiguous()` is a no-op unless x came in transposed).
+        x8, scale_a = _quantize_rows(x2)
+        x8 = x8.contiguous()
         # mat2 = weight.t(): (K, N) column-major, a view (no copy); scale_b = scale.t(): (1, N), stride (., 1).
         # Rowwise scaling outputs bf16 only (CUTLASS kernel, sm89/sm9x); the bias (bf16, (N,)) is fused in.
         y = torch._scaled_mm(x8, self.weight.t(), scale_a=scale_a, scale_b=self.scale.t(), bias=self.bias,
