@@ -70,7 +70,7 @@ def _pinned_rate(nbytes=512 * 2**20) -> float:
     return nbytes / GIB / med
 
 
-def child_zimage(model: str, budget) -> dict:
+def child_zimage(model: str, budget, fp8: bool = False) -> dict:
     import torch
 
     from zimage.engine.engine import Engine
@@ -80,7 +80,7 @@ def child_zimage(model: str, budget) -> dict:
     rate = _pinned_rate()
     torch.cuda.empty_cache()
     t = time.perf_counter()
-    engine = Engine.load(model=model, device="cuda", dtype="bf16", speed="eager", vram_budget_gib=budget)
+    engine = Engine.load(model=model, device="cuda", dtype="bf16", speed="eager", vram_budget_gib=budget, fp8=fp8)
     load_s = time.perf_counter() - t
     policy = engine.policy
     counter = iter(range(1000))
@@ -155,28 +155,40 @@ def child_diffusers(model: str, mode: str) -> dict:
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB, "pinned_copy_gib_per_s": rate}
 
 
+COLD_VARIANTS = {  # name -> what differs from zimage's defaults (the CLI's path: pinned reads + warm start)
+    "zimage": {},
+    "zimage-safetensors-reads": {"pinned": False},  # safetensors' mmap -> pageable copy (the previous reader)
+    "zimage-no-warm-start": {"warm": False},  # first prompt encoded after loading, not during
+    "zimage-bf16-cache": {"converted_cache": True},  # reads the bf16 copy (written by an untimed run first)
+}
+
+
 def child_cold(model: str, which: str, started: float, out_png: str) -> dict:
     """Process start (the parent's clock at spawn) -> first image saved, in parts."""
     parts = {"process_start_s": time.time() - started}
     t = time.perf_counter()
     import torch
 
-    if which == "zimage":
+    if which == "diffusers":
+        from diffusers import ZImagePipeline
+    else:
         from zimage.engine.engine import Engine
         from zimage.request import GenerateRequest
-    else:
-        from diffusers import ZImagePipeline
     parts["imports_s"] = time.perf_counter() - t
     t = time.perf_counter()
     torch.cuda.init()
     torch.empty(1, device="cuda")
     parts["cuda_init_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    if which == "zimage":
-        engine = Engine.load(model=model, device="cuda", dtype="bf16", speed="eager")
-        torch.cuda.synchronize()
+    if which != "diffusers":
         from zimage.weights import load as wl
 
+        variant = COLD_VARIANTS[which.removesuffix("-write")]
+        wl.PINNED_READS = variant.get("pinned", True)
+        warm = dict(warm_prompts=(PROMPT,), warm_size=(W, H)) if variant.get("warm", True) else {}
+        engine = Engine.load(model=model, device="cuda", dtype="bf16", speed="eager",
+                             converted_cache=variant.get("converted_cache", False), **warm)
+        torch.cuda.synchronize()
         parts.update({f"load_{k}": v for k, v in getattr(wl, "LAST_STATS", {}).items()})
     else:
         pipe = ZImagePipeline.from_pretrained(model, torch_dtype=torch.bfloat16)
@@ -186,8 +198,10 @@ def child_cold(model: str, which: str, started: float, out_png: str) -> dict:
         torch.cuda.synchronize()
     parts["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    if which == "zimage":
-        image = engine.generate(GenerateRequest(prompts=(PROMPT,), width=W, height=H, steps=STEPS, seed=1)).images[0].image
+    if which != "diffusers":
+        result = engine.generate(GenerateRequest(prompts=(PROMPT,), width=W, height=H, steps=STEPS, seed=1))
+        image = result.images[0].image
+        parts["first_image_phases_s"] = result.timings  # encode ~0 when the warm start encoded the prompt
     else:
         image = pipe(PROMPT, width=W, height=H, num_inference_steps=STEPS, guidance_scale=0.0,
                      generator=torch.Generator("cpu").manual_seed(1)).images[0]
@@ -195,6 +209,22 @@ def child_cold(model: str, which: str, started: float, out_png: str) -> dict:
     parts["first_image_s"] = time.perf_counter() - t
     parts["total_s"] = time.time() - started
     return parts
+
+
+def cli_cold(model: str, out_dir: str) -> dict:
+    """`zimage generate` as a user runs it, timed from outside: process start to exit (PNG written)."""
+    png = Path(out_dir) / ".cold-cli.png"
+    png.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "zimage", "generate", "--prompt", PROMPT, "--model", model, "--width", str(W),
+           "--height", str(H), "--steps", str(STEPS), "--seed", "1", "--output", str(png), "--overwrite"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0 or not png.is_file():
+        return {"error": f"exit {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-4:])}
+    png.unlink()
+    return {"command": " ".join(cmd[1:]), "wall_s": wall, "stderr_tail": proc.stderr.strip().splitlines()[-1:]}
 
 
 # ----------------------------------------------------------------------------------------------- parent side
@@ -267,7 +297,10 @@ def main() -> int:
     p.add_argument("--model", type=Path, default=Path(os.environ.get("ZIMAGE_BENCH_MODEL", "/tmp/zimage-full")))
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--skip", default="", help="comma list of: zimage, diffusers, cold, cold-disk")
-    p.add_argument("--budgets", default="16,12,8", help="GiB budgets besides resident and the smallest")
+    p.add_argument("--budgets", default="16,12,8,resident+fp8,12+fp8,8+fp8",
+                   help="budgets besides resident and the smallest: GiB, 'resident', '+fp8' for the lossy fp8 plans")
+    p.add_argument("--cold-variants", default=",".join(COLD_VARIANTS),
+                   help="zimage cold-start variants with a warm page cache (comma list)")
     p.add_argument("--diffusers-modes", default="model_cpu_offload,group_text_encoder,group_all",
                    help="diffusers low-memory modes to run (comma list)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -277,7 +310,8 @@ def main() -> int:
     if args.child:
         kind, arg = args.child
         if kind == "zimage":
-            rec = child_zimage(str(args.model), None if arg == "resident" else float(arg))
+            budget, _, extra = arg.partition("+")  # "12", "resident", "12+fp8"
+            rec = child_zimage(str(args.model), None if budget == "resident" else float(budget), extra == "fp8")
         elif kind == "diffusers":
             rec = child_diffusers(str(args.model), arg)
         else:
@@ -315,11 +349,17 @@ def main() -> int:
             results["diffusers"][mode] = spawn(args, "diffusers", mode, 150)
             print(f"diffusers {mode}: {results['diffusers'][mode].get('new_prompt_s', results['diffusers'][mode].get('error'))}", flush=True)
     if "cold" not in skip:
-        for which in ("zimage", "diffusers"):
-            # the modes above have read every file: the page cache is warm
+        # the modes above have read every file (or do it now): the page cache is warm
+        for which in args.cold_variants.split(","):
+            if COLD_VARIANTS[which].get("converted_cache"):
+                spawn(args, "cold", which + "-write", 240)  # untimed: writes the converted copy
             results["cold_start"][f"{which} warm"] = spawn(args, "cold", which, 150)
+        results["cold_start"]["zimage CLI warm"] = cli_cold(str(args.model), args.out)
+        results["cold_start"]["diffusers warm"] = spawn(args, "cold", "diffusers", 150)
         if "cold-disk" not in skip:
-            for which in ("zimage", "diffusers"):
+            for which in ("zimage", "zimage-bf16-cache", "diffusers"):
+                if which in COLD_VARIANTS and which not in args.cold_variants.split(","):
+                    continue
                 why = drop_caches()
                 results["cold_start"][f"{which} cold disk"] = {"error": why} if why else spawn(args, "cold", which, 240)
     results["total_s"] = time.perf_counter() - t0

@@ -3,8 +3,6 @@ a miss that lists every place looked, and `zimage download` honouring HF_HUB_OFF
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest

@@ -21,13 +21,16 @@ def test_slices_cover_every_tensor_once(tiny_folder):
 
 def test_cache_written_read_and_invalidated(model_copy):
     checked = check_model_folder(model_copy)["transformer"]
-    assert converted.find(checked, torch.float32) is None
-    first = load_network(checked, "cpu", torch.float32, converted_cache=True)  # writes the copy
+    assert converted.differs(checked, torch.bfloat16) and not converted.differs(checked, torch.float32)  # fp32 shards
+    assert converted.find(checked, torch.bfloat16) is None
+    load_network(checked, "cpu", torch.float32, converted_cache=True)  # the sources are fp32 already: no copy
+    assert converted.find(check_model_folder(model_copy)["transformer"], torch.float32) is None
+    first = load_network(checked, "cpu", torch.bfloat16, converted_cache=True)  # writes the copy
     assert LAST_STATS["transformer_from"] == "source"
     ref = {k: v.clone() for k, v in first.state_dict().items()}
-    fresh = converted.find(check_model_folder(model_copy)["transformer"], torch.float32)
+    fresh = converted.find(check_model_folder(model_copy)["transformer"], torch.bfloat16)
     assert fresh is not None and all(info.file.name == "weights.safetensors" for _, info in fresh.tensors.values())
-    again = load_network(check_model_folder(model_copy)["transformer"], "cpu", torch.float32, converted_cache=True)
+    again = load_network(check_model_folder(model_copy)["transformer"], "cpu", torch.bfloat16, converted_cache=True)
     assert LAST_STATS["transformer_from"] == "converted cache"
     for k, v in again.state_dict().items():
         assert torch.equal(v, ref[k]), k
@@ -35,15 +38,15 @@ def test_cache_written_read_and_invalidated(model_copy):
     shard = sorted((model_copy / "transformer").glob("*.safetensors"))[0]
     st = shard.stat()
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert converted.find(check_model_folder(model_copy)["transformer"], torch.float32) is None
-    # another dtype is another copy
     assert converted.find(check_model_folder(model_copy)["transformer"], torch.bfloat16) is None
+    # another dtype is another copy
+    assert converted.find(check_model_folder(model_copy)["transformer"], torch.float16) is None
 
 
 def test_damaged_copy_is_a_miss(model_copy):
-    checked = check_model_folder(model_copy)["vae"]
-    load_network(checked, "cpu", torch.float32, converted_cache=True)
-    folder, _ = converted.entry(checked, torch.float32)
+    checked = check_model_folder(model_copy)["transformer"]
+    load_network(checked, "cpu", torch.bfloat16, converted_cache=True)
+    folder, _ = converted.entry(checked, torch.bfloat16)
     weights = folder / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
-    assert converted.find(check_model_folder(model_copy)["vae"], torch.float32) is None
+    assert converted.find(check_model_folder(model_copy)["transformer"], torch.bfloat16) is None

@@ -23,9 +23,15 @@ def add_model_flags(p) -> None:
                         "tensor cores (H100, H200, RTX 40xx), multiply in fp8 (faster); images change slightly")
 
 
-def engine_config(args, show_progress: bool = True, expected_images: int | None = None):
+def engine_config(args, show_progress: bool = True, expected_images: int | None = None, first=None):
+    """EngineConfig from the flags; `first` (a GenerateRequest), when known before loading, is warmed up while the
+    transformer loads (its prompts encoded, the decoder started at its size: zimage.engine.warm_start)."""
     from zimage.engine.config import EngineConfig
 
+    warm = {}
+    if first is not None:
+        texts = list(first.image_prompts()) + ([first.negative_prompt] if first.cfg else [])
+        warm = dict(warm_prompts=tuple(dict.fromkeys(texts)), warm_size=(first.width, first.height))
     return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, speed=args.speed,
                         vram_budget_gib=args.vram_budget, fp8=args.fp8, show_progress=show_progress,
-                        expected_images=expected_images)
+                        expected_images=expected_images, **warm)

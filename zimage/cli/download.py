@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 from zimage.weights.layout import DEFAULT_MODEL_ID
 

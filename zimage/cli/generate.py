@@ -124,7 +124,7 @@ def run(args) -> int:
 
     jobs = plan_jobs(args)  # all validation before the model loads
     total = sum(j.request.num_images for j in jobs)
-    engine = Engine.load(engine_config(args, show_progress=True, expected_images=total))
+    engine = Engine.load(engine_config(args, show_progress=True, expected_images=total, first=jobs[0].request))
     if engine.location.source == "tiny":
         print("note: --model tiny-random is a tiny randomly initialised stand-in; its images are noise. "
               "Run `zimage download` for the real weights.", file=sys.stderr)

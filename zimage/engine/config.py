@@ -25,4 +25,8 @@ class EngineConfig:
     prompt_cache_size: int = 32  # prompt embeddings kept, so a repeated prompt skips the text encoder
     converted_cache: bool = False  # keep a copy of the weights in the compute dtype (bf16) in zimage's cache, tied
     # to the source files by size/mtime/header hash (zimage.weights.converted); off until measured worth it
+    warm_prompts: tuple[str, ...] = ()  # prompts to encode while the transformer loads (the CLI passes its first
+    # ones): their embeddings are cached before the first generate (zimage.engine.warm_start)
+    warm_size: tuple[int, int] | None = None  # (width, height) of the first image: the VAE decoder starts up at it
+    # while the transformer loads (eager speed)
     show_progress: bool = False  # tqdm bars for loading and steps (the CLI turns them on)

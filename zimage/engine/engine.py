@@ -30,7 +30,8 @@ class Conditioning:
 
 
 class Engine:
-    def __init__(self, config, location, device, dtype, tokenizer, scheduler, transformer, text_encoder, vae, policy):
+    def __init__(self, config, location, device, dtype, tokenizer, scheduler, transformer, text_encoder, vae, policy,
+                 prompts=None):
         from zimage.engine.text import PromptEncoder
         from zimage.speed.fast_transformer import FastTransformer
 
@@ -43,7 +44,9 @@ class Engine:
         self.text_encoder = text_encoder
         self.vae = vae
         self.policy = policy
-        self.prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens, config.prompt_cache_size)
+        if prompts is None:
+            prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens, config.prompt_cache_size)
+        self.prompts = prompts
         self.fast = FastTransformer(transformer)  # the step function; attention backend set by apply_speed
         self.speed = "eager"  # set by zimage.speed.apply_speed
         self.load_seconds = 0.0
@@ -55,12 +58,14 @@ class Engine:
         import torch
 
         from zimage.engine.device import resolve_device, resolve_dtype
+        from zimage.engine.text import PromptEncoder
+        from zimage.engine.warm_start import WarmStart
         from zimage.engine.fp16_guard import install_fp16_guard
         from zimage.engine.sampling import FlowMatchConfig
         from zimage.memory.policy import Parts
         from zimage.memory.select import select_policy
         from zimage.models.tokenizer import PromptTokenizer
-        from zimage.speed.apply import apply_speed
+        from zimage.speed.apply import apply_speed, resolve_speed
         from zimage.weights.check import check_model_folder
         from zimage.weights.load import load_network
         from zimage.weights.locate import locate_model
@@ -82,21 +87,31 @@ class Engine:
         total = sum(c.nbytes for c in checked.values())
         bar = _progress_bar(config.show_progress, total, f"loading {location.model_id}")
         policy = select_policy(config, device, dtype, checked)
+        prompts = warm = None
         try:
             step = bar.update if bar else None
             # Each network is loaded straight to where the plan keeps it (device, or host memory to stream from).
+            # The small ones first: the first image's prompt encoding and decoder start-up then run while the
+            # transformer is read (zimage.engine.warm_start).
             conv = config.converted_cache
+            vae = load_network(checked["vae"], policy.home("vae", device), vae_dtype, step)
+            text_encoder = load_network(checked["text_encoder"], policy.home("text_encoder", device), dtype, step, conv)
+            prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens, config.prompt_cache_size)
+            eager_decoder = resolve_speed(config.speed, device, config.expected_images) == "eager"
+            warm = WarmStart.start(prompts, vae, device, dtype, config.warm_prompts,
+                                   config.warm_size if eager_decoder else None)
             transformer = load_network(checked["transformer"], policy.home("transformer", device), dtype, step, conv)
             if policy.plan.weight_dtype == "fp8":  # the user's lossy choice; quantised where it was loaded
                 from zimage.speed.fp8 import fp8_matmul_supported, quantize_transformer
 
                 quantize_transformer(transformer, matmul=dtype == torch.bfloat16 and fp8_matmul_supported(device))
-            text_encoder = load_network(checked["text_encoder"], policy.home("text_encoder", device), dtype, step, conv)
-            vae = load_network(checked["vae"], policy.home("vae", device), vae_dtype, step)
         finally:
+            if warm is not None:
+                warm.join()
             if bar:
                 bar.close()
-        engine = cls(config, location, device, dtype, tokenizer, scheduler, transformer, text_encoder, vae, policy)
+        engine = cls(config, location, device, dtype, tokenizer, scheduler, transformer, text_encoder, vae, policy,
+                     prompts)
         policy.place(Parts(transformer, text_encoder, vae, device))
         engine.speed = apply_speed(engine, config.speed, config.expected_images)
         if dtype == torch.float16:  # after apply_speed, which may replace the feed-forward modules it hooks

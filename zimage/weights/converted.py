@@ -42,6 +42,16 @@ def entry(checked, dtype) -> tuple[Path, list[dict]]:
     return zimage_cache() / "converted" / name, fp
 
 
+def differs(checked, dtype) -> bool:
+    """Whether any floating-point source tensor is stored in another dtype (else a copy would be the same bytes:
+    the bf16 text encoder is not copied)."""
+    from zimage.weights.pinned_read import STORED_DTYPES
+
+    target = str(dtype).removeprefix("torch.")
+    return any(STORED_DTYPES.get(info.dtype, target) != target and info.dtype.startswith(("F", "BF"))
+               for _, info in checked.tensors.values())
+
+
 def find(checked, dtype):
     """A CheckedNetwork reading from the converted copy, or None if there is none fresh for these sources."""
     from zimage.weights.safetensors_files import read_header

@@ -1,5 +1,6 @@
-"""Loading checked networks: safetensors read straight to the target device, cast there, assigned into the
-meta-built module (no random init, no second copy in host memory)."""
+"""Loading checked networks: tensors read straight to the target device, cast there, assigned into the meta-built
+module (no random init, no second copy in host memory). To a GPU through pinned staging buffers
+(zimage.weights.pinned_read); to host memory with safetensors' mmap."""
 
 from __future__ import annotations
 
@@ -10,16 +11,18 @@ from pathlib import Path
 from zimage.weights.check import CheckedNetwork
 
 
-READ_THREADS = 8  # safetensors reads in parallel: one thread copies ~2-5 GB/s out of the page cache
+READ_THREADS = 8  # reads in parallel: one thread copies ~2-5 GB/s out of the page cache
+PINNED_READS = True  # GPU targets through pinned staging buffers (False: safetensors; the benchmarks compare)
 LAST_STATS: dict = {}  # seconds and bytes of the last load_network per network (benchmarks report them)
 
 
 def load_network(checked: CheckedNetwork, device, dtype, progress=None, converted_cache: bool = False):
-    """Materialise `checked.network.module` on `device` in `dtype`. `progress(nbytes)` is called per tensor.
+    """Materialise `checked.network.module` on `device` in `dtype`. `progress(nbytes)` is called as bytes are read.
 
     Tensors are read by up to READ_THREADS threads (each a slice of the tensors, in file order), each straight to
-    `device` and cast there. With `converted_cache`, a copy already in `dtype` is read instead when one exists for
-    exactly these source files (zimage.weights.converted), and written after the first load otherwise.
+    `device` and cast there (to a GPU through pinned buffers unless PINNED_READS is off).
+    With `converted_cache`, a copy already in `dtype` is read instead when one exists for exactly these source
+    files (zimage.weights.converted), and written after the first load otherwise.
     Returns the module in eval mode with gradients off.
     """
     import threading
@@ -31,6 +34,7 @@ def load_network(checked: CheckedNetwork, device, dtype, progress=None, converte
     from zimage.weights import converted
 
     t0 = time.perf_counter()
+    converted_cache = converted_cache and converted.differs(checked, dtype)
     source = checked
     cached = converted.find(checked, dtype) if converted_cache else None
     if cached is not None:
@@ -40,11 +44,20 @@ def load_network(checked: CheckedNetwork, device, dtype, progress=None, converte
     read_device = str(device) if torch.device(device).type in ("cuda", "cpu") else "cpu"
     lock = threading.Lock()
 
+    def locked_progress(nbytes):
+        with lock:
+            progress(nbytes)
+
     def read(task):
         from safetensors import safe_open
 
         out = {}
         path, names = task
+        if PINNED_READS and torch.device(device).type == "cuda":
+            from zimage.weights.pinned_read import read_tensors
+
+            items = [(target, source.tensors[target][1]) for _, target in names]
+            return read_tensors(items, device, dtype, locked_progress if progress is not None else None)
         with safe_open(str(path), framework="pt", device=read_device) as f:
             for stored, target in names:
                 t = f.get_tensor(stored)
@@ -52,8 +65,7 @@ def load_network(checked: CheckedNetwork, device, dtype, progress=None, converte
                     t = t.to(dtype)
                 out[target] = t.to(device)
                 if progress is not None:
-                    with lock:
-                        progress(t.numel() * t.element_size())
+                    locked_progress(t.numel() * t.element_size())
         return out
 
     state: dict[str, torch.Tensor] = {}

@@ -20,6 +20,8 @@ class TensorInfo:
     dtype: str  # safetensors dtype tag: "F32", "BF16", "F16", "F8_E4M3", ...
     shape: tuple[int, ...]
     file: Path
+    begin: int = 0  # byte offset of the tensor's data in `file` (from the start of the file)
+    end: int = 0  # one past its last byte
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -42,7 +44,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise ModelFolderError(
             f"{path} is truncated: {size} bytes, expected {8 + n + end} (an interrupted download? fetch it again)"
         )
-    return {k: TensorInfo(v["dtype"], tuple(v["shape"]), path) for k, v in header.items()}
+    data = 8 + n  # the data section starts after the length and the JSON header
+    return {k: TensorInfo(v["dtype"], tuple(v["shape"]), path, data + v["data_offsets"][0], data + v["data_offsets"][1])
+            for k, v in header.items()}
 
 
 def shard_files(folder: Path, stem: str) -> list[Path]:

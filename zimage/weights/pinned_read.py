@@ -1,0 +1,115 @@
+"""Reading safetensors tensors into GPU memory through pinned staging buffers, cast to the compute dtype on the GPU.
+
+Why not safetensors' own `safe_open(device="cuda")`: it maps the file, wraps the bytes in a pageable CPU tensor and
+calls `.to("cuda")`, so every byte crosses the bus at the pageable rate (7.8 GiB/s measured on an H200 host, against
+51.5 GiB/s from pinned memory) and an fp32 tensor lands on the GPU whole before it is cast (a transient of its full
+fp32 size). Here each reading thread owns two pinned host buffers of CHUNK bytes and two GPU buffers of the same
+size, and alternates between them:
+
+    pread(file, chunk k)  -> pinned[k % 2]          (host, the GIL released; reads the page cache or the disk)
+    pinned[k % 2]         -> gpu[k % 2]              (async copy on the thread's own stream, at the pinned rate)
+    gpu[k % 2]            -> out[elements of chunk k] (cast kernel on the same stream: fp32 -> bf16)
+
+so the read of chunk k+1 overlaps the copy and cast of chunk k, and the GPU never holds more than 2 x CHUNK of a
+tensor in its stored dtype. A chunk is a whole number of elements, so each is cast on its own. When the stored
+dtype is the compute dtype the bytes are copied straight into the output tensor.
+
+On a CPU device (tests; zimage loads CPU-bound networks with safetensors' mmap) the same code runs with plain
+buffers and synchronous copies.
+"""
+
+from __future__ import annotations
+
+import os
+
+CHUNK = 64 * 2**20  # bytes per staging buffer: large enough for full-rate copies, small enough for 2 per thread
+
+STORED_DTYPES = {  # safetensors dtype tag -> torch dtype name (getattr(torch, name))
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def read_tensors(items, device, dtype, progress=None, chunk: int = CHUNK) -> dict:
+    """Read `items` = [(target name, TensorInfo)], all from one file, into tensors on `device`.
+
+    Floating-point tensors are cast to `dtype` (on the device); others keep their stored dtype. `progress(nbytes)`
+    is called per chunk read. Returns {target name: tensor}; on CUDA, every copy and cast has finished.
+    """
+    import torch
+
+    device = torch.device(device)
+    if chunk <= 0 or chunk % 8:
+        raise ValueError(f"chunk must be a positive multiple of 8 bytes, got {chunk}")
+    if not items:
+        return {}
+    path = items[0][1].file
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+    staging = [torch.empty(chunk, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+    views = [memoryview(b.numpy()) for b in staging]  # pread writes straight into the (pinned) buffers
+    landing = [None, None]  # GPU buffers for chunks that are cast (allocated at the first such chunk)
+    done = [None, None]  # CUDA events: staging[i] and landing[i] are free again once done[i] has completed
+    out = {}
+    k = 0  # chunk counter: buffer k % 2
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, info in items:
+            stored = getattr(torch, STORED_DTYPES[info.dtype])
+            target = dtype if stored.is_floating_point else stored
+            t = torch.empty(info.shape, dtype=target, device=device)
+            nbytes = info.end - info.begin
+            expected = t.numel() * stored.itemsize
+            if nbytes != expected:
+                raise ValueError(f"{path}: tensor {name} has {nbytes} bytes for shape {info.shape} {info.dtype} "
+                                 f"(expected {expected})")
+            flat = t.view(-1)
+            per_chunk = chunk - chunk % stored.itemsize  # whole elements
+            for start in range(0, nbytes, per_chunk):
+                n = min(per_chunk, nbytes - start)
+                i = k % 2
+                k += 1
+                if done[i] is not None:
+                    done[i].synchronize()  # the copy (and cast) that used these buffers has finished
+                _pread_exactly(fd, views[i][:n], info.begin + start, path)
+                e0, e1 = start // stored.itemsize, (start + n) // stored.itemsize  # elements of this chunk
+                src = staging[i][:n]
+                if target == stored:  # bytes straight into place
+                    dst = flat[e0:e1].view(torch.uint8)
+                    if cuda:
+                        with torch.cuda.stream(stream):
+                            dst.copy_(src, non_blocking=True)
+                    else:
+                        dst.copy_(src)
+                else:  # land the stored bytes on the device, then cast them into place
+                    if cuda:
+                        if landing[i] is None:
+                            landing[i] = torch.empty(chunk, dtype=torch.uint8, device=device)
+                        with torch.cuda.stream(stream):
+                            land = landing[i][:n]
+                            land.copy_(src, non_blocking=True)
+                            flat[e0:e1].copy_(land.view(stored))
+                    else:
+                        flat[e0:e1].copy_(src.view(stored))
+                if cuda:
+                    done[i] = torch.cuda.Event()
+                    done[i].record(stream)
+                if progress is not None:
+                    progress(n)
+            out[name] = t
+        if cuda:
+            stream.synchronize()  # every output is complete before another stream reads it
+    finally:
+        os.close(fd)
+    return out
+
+
+def _pread_exactly(fd: int, view: memoryview, offset: int, path) -> None:
+    """Fill `view` from `offset` of the file (pread may return less than asked: loop)."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise OSError(f"{path} ended at byte {offset + got} while reading a tensor (truncated since it was checked?)")
+        got += n
