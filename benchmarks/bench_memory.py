@@ -350,6 +350,7 @@ def main() -> int:
             print(f"diffusers {mode}: {results['diffusers'][mode].get('new_prompt_s', results['diffusers'][mode].get('error'))}", flush=True)
     if "cold" not in skip:
         # the modes above have read every file (or do it now): the page cache is warm
+        os.sync()  # a model just built is still being written back: the first variant would pay for it
         for which in args.cold_variants.split(","):
             if COLD_VARIANTS[which].get("converted_cache"):
                 spawn(args, "cold", which + "-write", 240)  # untimed: writes the converted copy

@@ -503,3 +503,21 @@ def test_subprocess_usage_error_exit_code_and_message(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip() == "zimage: error: width must be a multiple of 16, got 300 (nearest: 288 or 304)"
     assert p.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_converted_cache_flag_writes_a_copy_then_reads_it(capsys, out, count_loads):
+    """--converted-cache: the first run writes the bf16 copy of the fp32 transformer, the next reads it (same image);
+    the first prompt is handed to the engine for its warm start."""
+    from zimage.weights import load as wl
+    from zimage.weights.locate import zimage_cache
+
+    args = ["generate", "-p", "a cat", *FAST, "--dtype", "bf16", "--seed", "4", "--converted-cache"]
+    assert cli(capsys, *args, "-o", out / "a.png")[0] == 0
+    assert wl.LAST_STATS["transformer_from"] == "source"
+    copies = sorted(p.name for p in (zimage_cache() / "converted").iterdir())
+    assert [c.split("-")[0] for c in copies] == ["transformer"]  # the bf16 text encoder is not copied
+    assert cli(capsys, *args, "-o", out / "b.png")[0] == 0
+    assert wl.LAST_STATS["transformer_from"] == "converted cache"
+    assert np.array_equal(pixels(out / "a.png"), pixels(out / "b.png"))
+    config = count_loads[-1][0]
+    assert config.converted_cache and config.warm_prompts == ("a cat",) and config.warm_size == (256, 256)

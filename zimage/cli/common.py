@@ -21,6 +21,10 @@ def add_model_flags(p) -> None:
     g.add_argument("--fp8", action="store_true",
                    help="lossy: store the transformer's matrices in fp8 (half its memory) and, on GPUs with FP8 "
                         "tensor cores (H100, H200, RTX 40xx), multiply in fp8 (faster); images change slightly")
+    g.add_argument("--converted-cache", action="store_true",
+                   help="keep a bf16 copy of the fp32 transformer in zimage's cache (12 GB of disk for the published "
+                        "model, written on the first run) so that later starts read half the bytes; a copy whose "
+                        "source files changed is never used")
 
 
 def engine_config(args, show_progress: bool = True, expected_images: int | None = None, first=None):
@@ -34,4 +38,4 @@ def engine_config(args, show_progress: bool = True, expected_images: int | None 
         warm = dict(warm_prompts=tuple(dict.fromkeys(texts)), warm_size=(first.width, first.height))
     return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, speed=args.speed,
                         vram_budget_gib=args.vram_budget, fp8=args.fp8, show_progress=show_progress,
-                        expected_images=expected_images, **warm)
+                        expected_images=expected_images, converted_cache=args.converted_cache, **warm)

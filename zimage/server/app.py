@@ -38,7 +38,7 @@ def default_loader(settings: ServerSettings):
 
         return Engine.load(EngineConfig(model=settings.model, device=settings.device, dtype=settings.dtype,
                                         speed=settings.speed, vram_budget_gib=settings.vram_budget_gib,
-                                        fp8=settings.fp8))
+                                        fp8=settings.fp8, converted_cache=settings.converted_cache))
 
     return load
 

@@ -33,6 +33,7 @@ class ServerSettings:
     speed: str = "auto"
     vram_budget_gib: float | None = None  # None: free VRAM less a margin (zimage.memory)
     fp8: bool = False  # lossy fp8 transformer matrices (zimage.engine.config.EngineConfig.fp8)
+    converted_cache: bool = False  # bf16 copy of the weights for faster starts (EngineConfig.converted_cache)
     # scheduling
     max_queue: int = 64  # jobs waiting (not running) before POSTs get 429 + Retry-After
     max_batch: int = 8  # images per engine call; compatible queued jobs are batched up to this
