@@ -211,12 +211,12 @@ def child_cold(model: str, which: str, started: float, out_png: str) -> dict:
     return parts
 
 
-def cli_cold(model: str, out_dir: str) -> dict:
+def cli_cold(model: str, out_dir: str, *flags: str) -> dict:
     """`zimage generate` as a user runs it, timed from outside: process start to exit (PNG written)."""
     png = Path(out_dir) / ".cold-cli.png"
     png.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "zimage", "generate", "--prompt", PROMPT, "--model", model, "--width", str(W),
-           "--height", str(H), "--steps", str(STEPS), "--seed", "1", "--output", str(png), "--overwrite"]
+           "--height", str(H), "--steps", str(STEPS), "--seed", "1", "--output", str(png), "--overwrite", *flags]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -300,7 +300,7 @@ def main() -> int:
     p.add_argument("--budgets", default="16,12,8,resident+fp8,12+fp8,8+fp8",
                    help="budgets besides resident and the smallest: GiB, 'resident', '+fp8' for the lossy fp8 plans")
     p.add_argument("--cold-variants", default=",".join(COLD_VARIANTS),
-                   help="zimage cold-start variants with a warm page cache (comma list)")
+                   help="zimage cold-start variants with a warm page cache (comma list; 'none' for only the CLI runs)")
     p.add_argument("--diffusers-modes", default="model_cpu_offload,group_text_encoder,group_all",
                    help="diffusers low-memory modes to run (comma list)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -351,11 +351,14 @@ def main() -> int:
     if "cold" not in skip:
         # the modes above have read every file (or do it now): the page cache is warm
         os.sync()  # a model just built is still being written back: the first variant would pay for it
-        for which in args.cold_variants.split(","):
+        for which in [v for v in args.cold_variants.split(",") if v != "none"]:
             if COLD_VARIANTS[which].get("converted_cache"):
                 spawn(args, "cold", which + "-write", 240)  # untimed: writes the converted copy
             results["cold_start"][f"{which} warm"] = spawn(args, "cold", which, 150)
         results["cold_start"]["zimage CLI warm"] = cli_cold(str(args.model), args.out)
+        cli_cold(str(args.model), args.out, "--converted-cache")  # untimed: writes the bf16 copy if missing
+        results["cold_start"]["zimage CLI --converted-cache warm"] = cli_cold(str(args.model), args.out,
+                                                                              "--converted-cache")
         results["cold_start"]["diffusers warm"] = spawn(args, "cold", "diffusers", 150)
         if "cold-disk" not in skip:
             for which in ("zimage", "zimage-bf16-cache", "diffusers"):
