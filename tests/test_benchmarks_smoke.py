@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["bench_speed.py", "bench_compile.py", "bench_memory.py", "bench_forward_variants.py"]
+SCRIPTS = ["bench_speed.py", "bench_compile.py", "bench_memory.py", "bench_forward_variants.py", "bench_profile.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -34,3 +34,78 @@ def test_timing_helpers_report_medians():
     median, times, last = timed(lambda: calls.append(1) or len(calls), repeats=3, warmup=2)
     assert len(calls) == 5 and len(times) == 3 and last == 5
     assert min(times) <= median <= max(times)
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling common.py
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+@pytest.mark.parametrize("name, category", [
+    ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "gemm"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>(Params)", "gemm"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>(...)", "gemm"),
+    ("triton_tem_fused_mm_0", "gemm"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_kernel0_0", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false> >(Flash_fwd_params)",
+     "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)", "attention"),
+    ("triton_poi_fused__scaled_dot_product_cudnn_attention_add_mul_3", "triton"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1", "triton"),
+    ("triton_per_fused_mul_rsqrt_2", "triton"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>, ...>", "other"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps<float, float>>>", "other"),
+    ("Memcpy DtoD (Device -> Device)", "other"),
+    ("aten::mm", "gemm"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::mul", "other"),
+])
+def test_profile_categorize(name, category):
+    assert _load_benchmark("bench_profile").categorize(name) == category
+
+
+def test_profile_breakdown_sums_to_the_forward():
+    bench = _load_benchmark("bench_profile")
+    events = [("nvjet_a", 3000.0), ("nvjet_a", 3000.0), ("cudnn_sdpa", 2000.0), ("triton_poi_fused_0", 500.0),
+              ("elementwise_kernel", 500.0)]  # two forwards' kernels, in microseconds
+    b = bench.breakdown(events, forwards=2, wall_ms=5.0)
+    assert b["kernel_ms_per_forward"] == 4.5 and abs(b["idle_ms_per_forward"] - 0.5) < 1e-9
+    cats = b["categories"]
+    assert (cats["gemm"]["ms"], cats["attention"]["ms"], cats["triton"]["ms"], cats["other"]["ms"]) == (3, 1, .25, .25)
+    assert abs(sum(c["pct_of_forward"] for c in cats.values()) + b["idle_pct_of_forward"] - 100) < 1e-9
+    assert b["top_kernels"][0] == {"name": "nvjet_a", "category": "gemm", "calls_per_forward": 1.0,
+                                   "ms_per_forward": 3.0}
+
+
+def test_profile_script_runs_on_cpu(tiny_folder, tmp_path):
+    """The whole script on the tiny model on CPU: timings, the op breakdown, rates and the floor, JSON written."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "bench_profile.py", "--model", str(tiny_folder), "--device", "cpu",
+                          "--size", "256x256", "--modes", "eager", "--repeats", "2", "--cudagraphs",
+                          "--out", str(tmp_path)], cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (path,) = tmp_path.glob("profile-256x256_*.json")
+    res = json.loads(path.read_text())
+    run = res["modes"]["eager"]
+    assert run["forward_ms"] > 0 and run["cudagraphs"] == "skipped: no CUDA"
+    prof = run["profile"]
+    assert prof["kernel_ms_per_forward"] > 0 and prof["categories"]["gemm"]["ms"] > 0
+    assert 0 < len(prof["top_kernels"]) <= 15
+    assert res["tokens"]["image_tokens_padded"] == 256 and res["tokens"]["caption_tokens_padded"] % 32 == 0
+    assert res["rates"]["attention"]["cudnn@joint"] == "skipped: no CUDA"
+    assert res["rates"]["gemm"]["qkv@joint"]["tflops"] > 0
+    floor = res["rates"]["floor"]
+    assert floor["ms_per_forward"] == floor["skeleton"]["ms_per_forward"] > 0 and floor["sum_of_isolated_ms"] > 0
+    assert run["profile"]["vs_floor"]["above_floor_ms"] == run["forward_ms"] - floor["ms_per_forward"]

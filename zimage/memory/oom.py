@@ -64,13 +64,19 @@ def switch_plan(engine, plan) -> None:
     """Re-place the engine's networks under `plan` (undoing the current policy's hooks first)."""
     from zimage.memory.planned import PlannedPolicy
     from zimage.memory.policy import Parts
+    from zimage.speed.text_graphs import install_text_graphs
 
     old = engine.policy
     if hasattr(old, "remove"):
         old.remove()
+    # Compile mode's text-encoder CUDA graphs replay the weight addresses of the old placement: drop them (and their
+    # memory pool, freed below) before re-placing; re-installed fresh only if the new plan keeps the encoder whole
+    # on the GPU (a text-offload plan moves its weights).
+    install_text_graphs(engine, False)
     policy = PlannedPolicy(plan, old.sizes)
     policy.place(Parts(engine.transformer, engine.text_encoder, engine.vae, engine.device))
     engine.policy = policy
+    install_text_graphs(engine, getattr(engine, "speed", "eager") == "compile")
     free_memory(engine.device)
 
 
