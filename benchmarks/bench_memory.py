@@ -218,13 +218,16 @@ def cli_cold(model: str, out_dir: str, *flags: str) -> dict:
     cmd = [sys.executable, "-m", "zimage", "generate", "--prompt", PROMPT, "--model", model, "--width", str(W),
            "--height", str(H), "--steps", str(STEPS), "--seed", "1", "--output", str(png), "--overwrite", *flags]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
+    started = time.time()
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     wall = time.perf_counter() - t
     if proc.returncode != 0 or not png.is_file():
         return {"error": f"exit {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-4:])}
+    saved = png.stat().st_mtime - started  # the PNG's last write: "first image saved" (wall adds the exit)
     png.unlink()
-    return {"command": " ".join(cmd[1:]), "wall_s": wall, "stderr_tail": proc.stderr.strip().splitlines()[-1:]}
+    return {"command": " ".join(cmd[1:]), "saved_s": saved, "wall_s": wall,
+            "stderr_tail": proc.stderr.strip().splitlines()[-1:]}
 
 
 # ----------------------------------------------------------------------------------------------- parent side

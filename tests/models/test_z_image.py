@@ -62,17 +62,29 @@ def test_forward_equals_diffusers(lengths):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_bf16_forward_is_close_to_diffusers_bf16():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_forward_is_as_close_to_fp32_as_diffusers_bf16(seed):
+    """Lossless in bf16: our bf16 forward's error against the fp32 forward is no larger than diffusers' bf16 one's
+    (eager RMSNorm is PyTorch's fused kernel, which rounds once where diffusers rounds twice: measured 0.013 vs
+    0.014 relative L2 here, and ~0.010 between the two bf16 outputs)."""
+    ref32 = reference()
     ref = reference().to(torch.bfloat16)
-    fast = FastTransformer(ours_from(ref).to(torch.bfloat16))
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 16, 8, 8, generator=g).bfloat16()
-    caps = [torch.randn(9, TINY_TRANSFORMER["cap_feat_dim"], generator=g).bfloat16()]
+    fast = FastTransformer(ours_from(ref32).to(torch.bfloat16))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    caps = [torch.randn(9, TINY_TRANSFORMER["cap_feat_dim"], generator=g)]
     t = torch.tensor([0.5])
     with torch.no_grad():
-        want = torch.stack(ref(list(x.unsqueeze(2)), t, caps, return_dict=False)[0]).squeeze(2).float()
-        got = fast.forward(x, t, fast.prepare(caps, 8, 8)).float()
-    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+        truth = torch.stack(ref32(list(x.unsqueeze(2)), t, caps, return_dict=False)[0]).squeeze(2)
+        theirs = torch.stack(ref(list(x.bfloat16().unsqueeze(2)), t, [c.bfloat16() for c in caps],
+                                 return_dict=False)[0]).squeeze(2).float()
+        ours = fast.forward(x.bfloat16(), t, fast.prepare([c.bfloat16() for c in caps], 8, 8)).float()
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(ours, truth) <= 1.05 * rel(theirs, truth)
+    assert rel(ours, theirs) <= 2 * rel(theirs, truth)  # and near diffusers' own bf16 output
 
 
 @pytest.mark.parametrize("change,message", [

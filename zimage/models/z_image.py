@@ -34,7 +34,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        variance = x.float().pow(2).mean(-1, keepdim=True)
+        if not torch.compiler.is_compiling():
+            # Eager: PyTorch's fused kernel (one read, one write; fp32 inside). The unfused ops below were ~40 of
+            # an eager forward's 145 ms at 1024x1024 on an H200 (casts, pow, mean, two multiplies per call, 192
+            # calls). It rounds once where diffusers rounds twice (before and after the weight): within bf16 noise.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        variance = x.float().pow(2).mean(-1, keepdim=True)  # compiled: diffusers' exact order, fused by inductor
         x = x * torch.rsqrt(variance + self.eps)  # fp32 (type promotion), as diffusers
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
