@@ -21,7 +21,10 @@ log = logging.getLogger("zimage")
 
 # Images after which compiling pays for itself in one process; from BENCHMARKS.md (compile cost with a warm
 # on-disk cache divided by the per-image saving). Refreshed when the benchmark is.
-COMPILE_BREAK_EVEN_IMAGES = 11  # H200: +5.9 s first image (warm cache), -0.58 s per image after
+# H200 (BENCHMARKS.md): a compiling process reaches its first image ~13.5 s later than an eager one even with the
+# on-disk cache (20.1 s against 6.9 s, bench_compile), then saves 0.20 s per image (0.934 s against eager's 1.134 s
+# with the fused RMSNorm): ~65 images.
+COMPILE_BREAK_EVEN_IMAGES = 65
 
 
 def resolve_speed(mode: str, device, expected_images: int | None) -> str:
