@@ -204,27 +204,8 @@ def cudagraph_forward(forward, x, t_in, ref, repeats: int) -> dict:
 
 # ---------------------------------------------------------------- kernel rates and the floor
 def kernel_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
-    """Median ms of one fn() by CUDA events, the GPU kept busy (a ~1 ms spin) while the host queues the events and
-    fn's kernels, so that the host's dispatch time is not counted as it is by common.cuda_ms on an idle GPU (~0.05 ms
-    per cuDNN attention call, ~9% at these shapes: measured). Host clock without CUDA."""
-    import statistics
-
-    import torch
-
-    if not torch.cuda.is_available():
-        return cuda_ms(fn, repeats, warmup)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU cycles: longer than queueing a, fn() and b takes the host
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median ms of one fn()'s kernels alone: CUDA events with the GPU kept busy while the host queues them."""
+    return cuda_ms(fn, repeats, warmup, busy_ahead=True)
 
 
 def gemm_shapes(dim: int) -> dict:
