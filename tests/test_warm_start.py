@@ -7,6 +7,7 @@ import logging
 import torch
 
 from zimage.engine import warm_start
+from zimage.engine.device import on_device
 from zimage.engine.config import EngineConfig
 from zimage.engine.engine import Engine
 from zimage.request import GenerateRequest
@@ -24,7 +25,7 @@ def test_worth_it_only_on_a_gpu_with_work_and_resident_networks():
     assert not warm_start.worth_it(cuda, on_cpu, on_cpu, ("p",), None)  # networks not on the GPU (offloaded)
     meta_cuda = torch.nn.Linear(2, 2, device="meta")
     meta_cuda.weight = torch.nn.Parameter(torch.empty(2, 2, device="meta"))
-    assert not warm_start._on(meta_cuda, cuda)
+    assert not on_device(meta_cuda, cuda)
 
 
 def test_warm_prompts_are_cached_and_the_image_is_unchanged(tiny_folder, engine, monkeypatch):

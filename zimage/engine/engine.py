@@ -30,9 +30,7 @@ class Conditioning:
 
 
 class Engine:
-    def __init__(self, config, location, device, dtype, tokenizer, scheduler, transformer, text_encoder, vae, policy,
-                 prompts=None):
-        from zimage.engine.text import PromptEncoder
+    def __init__(self, config, location, device, dtype, prompts, scheduler, transformer, text_encoder, vae, policy):
         from zimage.speed.fast_transformer import FastTransformer
 
         self.config = config
@@ -44,9 +42,7 @@ class Engine:
         self.text_encoder = text_encoder
         self.vae = vae
         self.policy = policy
-        if prompts is None:
-            prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens, config.prompt_cache_size)
-        self.prompts = prompts
+        self.prompts = prompts  # zimage.engine.text.PromptEncoder (tokenizer + text encoder + embedding cache)
         self.fast = FastTransformer(transformer)  # the step function; attention backend set by apply_speed
         self.speed = "eager"  # set by zimage.speed.apply_speed
         self.load_seconds = 0.0
@@ -87,7 +83,7 @@ class Engine:
         total = sum(c.nbytes for c in checked.values())
         bar = _progress_bar(config.show_progress, total, f"loading {location.model_id}")
         policy = select_policy(config, device, dtype, checked)
-        prompts = warm = None
+        warm = None
         try:
             step = bar.update if bar else None
             # Each network is loaded straight to where the plan keeps it (device, or host memory to stream from).
@@ -98,7 +94,7 @@ class Engine:
             text_encoder = load_network(checked["text_encoder"], policy.home("text_encoder", device), dtype, step, conv)
             prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens, config.prompt_cache_size)
             eager_decoder = resolve_speed(config.speed, device, config.expected_images) == "eager"
-            warm = WarmStart.start(prompts, vae, device, dtype, config.warm_prompts,
+            warm = WarmStart.start(prompts, vae, device, config.warm_prompts,
                                    config.warm_size if eager_decoder else None)
             transformer = load_network(checked["transformer"], policy.home("transformer", device), dtype, step, conv)
             if policy.plan.weight_dtype == "fp8":  # the user's lossy choice; quantised where it was loaded
@@ -110,8 +106,7 @@ class Engine:
                 warm.join()
             if bar:
                 bar.close()
-        engine = cls(config, location, device, dtype, tokenizer, scheduler, transformer, text_encoder, vae, policy,
-                     prompts)
+        engine = cls(config, location, device, dtype, prompts, scheduler, transformer, text_encoder, vae, policy)
         policy.place(Parts(transformer, text_encoder, vae, device))
         engine.speed = apply_speed(engine, config.speed, config.expected_images)
         if dtype == torch.float16:  # after apply_speed, which may replace the feed-forward modules it hooks

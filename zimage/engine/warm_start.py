@@ -20,21 +20,20 @@ log = logging.getLogger("zimage")
 
 
 class WarmStart:
-    def __init__(self, prompts, vae, device, dtype, prompt_texts: tuple[str, ...], size: tuple[int, int] | None):
+    def __init__(self, prompts, vae, device, prompt_texts: tuple[str, ...], size: tuple[int, int] | None):
         self._prompts = prompts  # zimage.engine.text.PromptEncoder
         self._vae = vae
         self._device = device
         self._texts = list(dict.fromkeys(prompt_texts))
         self._size = size  # (width, height) pixels of the VAE warm-up, or None for none
-        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="zimage-warm-start", daemon=True)
 
     @classmethod
-    def start(cls, prompts, vae, device, dtype, prompt_texts=(), size=None) -> "WarmStart | None":
+    def start(cls, prompts, vae, device, prompt_texts=(), size=None) -> "WarmStart | None":
         """Begin in a thread when there is something to do on a GPU; None otherwise."""
         if not worth_it(device, prompts.text_encoder, vae, prompt_texts, size):
             return None
-        warm = cls(prompts, vae, device, dtype, tuple(prompt_texts), size)
+        warm = cls(prompts, vae, device, tuple(prompt_texts), size)
         warm._thread.start()
         return warm
 
@@ -56,7 +55,6 @@ class WarmStart:
             if cuda:
                 torch.cuda.synchronize(self._device)
         except Exception as e:  # noqa: BLE001 - the first generate redoes this work and reports its own errors
-            self.error = e
             log.warning("warm start skipped (%s: %s); the first image does this work instead", type(e).__name__, e)
 
     def join(self) -> None:
@@ -66,14 +64,8 @@ class WarmStart:
 def worth_it(device, text_encoder, vae, prompt_texts, size) -> bool:
     """On a GPU (on a CPU the threads would only compete for the cores that read the weights), with something to
     do, and both networks wholly on the device."""
+    from zimage.engine.device import on_device
+
     if device.type != "cuda" or not (prompt_texts or size):
         return False
-    return _on(text_encoder, device) and _on(vae, device)
-
-
-def _on(module, device) -> bool:
-    import torch
-
-    device = torch.device(device)
-    return all(p.device.type == device.type and (p.device.index or 0) == (device.index or 0)
-               for p in module.parameters())
+    return on_device(text_encoder, device) and on_device(vae, device)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from zimage.engine.device import on_device
+
 log = logging.getLogger("zimage")
 
 SMALLEST_BUCKET = 32  # tokens; a chat-templated prompt is rarely shorter than ~20
@@ -72,10 +74,6 @@ def fill_padded(buffer: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return buffer
 
 
-def _on(p, device) -> bool:
-    return p.device.type == device.type and (p.device.index or 0) == (device.index or 0)
-
-
 def use_text_graphs(device, plan, text_encoder) -> bool:
     """Whether the text encoder can be captured: CUDA, not offloaded by the plan, no hooks, every weight on `device`.
 
@@ -88,7 +86,7 @@ def use_text_graphs(device, plan, text_encoder) -> bool:
         return False  # embedding on the host + streamed layers: weights change address per call
     if any(m._forward_hooks or m._forward_pre_hooks for m in text_encoder.modules()):
         return False  # a hook (a streamer's weight swap, say) would be frozen into the graph
-    return all(_on(p, device) for p in text_encoder.parameters())
+    return on_device(text_encoder, device)
 
 
 @dataclass
@@ -117,9 +115,6 @@ class GraphedTextEncoder:
         self.graphs: dict[tuple[int, int], _Graph] = {}  # (B, bucket) -> captured graph
         self._pool = None  # one memory pool shared by every graph (replays never overlap: one stream, one caller)
         self._failed = False  # a capture failed (not for memory): stay eager rather than retry each call
-
-    def parameters(self, recurse: bool = True):
-        return self.encoder.parameters(recurse)  # for placement checks (e.g. zimage.engine.warm_start)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n = input_ids.shape

@@ -10,7 +10,7 @@ from pathlib import Path
 from zimage.errors import ModelFolderError
 from zimage.weights.layout import MODEL_INDEX, SCHEDULER_CONFIG, TOKENIZER_DIR, TOKENIZER_FILE_SETS
 from zimage.weights.networks import BUILDERS, MetaNetwork
-from zimage.weights.safetensors_files import TensorInfo, read_component_headers
+from zimage.weights.safetensors_files import DTYPES, TensorInfo, read_component_headers
 
 
 @dataclass
@@ -20,7 +20,6 @@ class CheckedNetwork:
     nbytes: int  # bytes on disk of the tensors we load
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
 
 
 def check_small_parts(folder: Path) -> None:
@@ -61,7 +60,7 @@ def check_network(folder: Path, name: str) -> CheckedNetwork:
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise ModelFolderError(f"{folder / name} has {len(unexpected)} tensors the network does not know: {shown}")
-    nbytes = sum(_DTYPE_BYTES.get(t.dtype, 4) * math.prod(t.shape) for _, t in tensors.values())
+    nbytes = sum(DTYPES.get(t.dtype, ("", 4))[1] * math.prod(t.shape) for _, t in tensors.values())
     return CheckedNetwork(network, tensors, nbytes)
 
 

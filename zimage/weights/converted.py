@@ -45,11 +45,11 @@ def entry(checked, dtype) -> tuple[Path, list[dict]]:
 def differs(checked, dtype) -> bool:
     """Whether any floating-point source tensor is stored in another dtype (else a copy would be the same bytes:
     the bf16 text encoder is not copied)."""
-    from zimage.weights.pinned_read import STORED_DTYPES
+    from zimage.weights.safetensors_files import DTYPES
 
     target = str(dtype).removeprefix("torch.")
-    return any(STORED_DTYPES.get(info.dtype, target) != target and info.dtype.startswith(("F", "BF"))
-               for _, info in checked.tensors.values())
+    stored = {DTYPES.get(info.dtype, (target,))[0] for _, info in checked.tensors.values()}
+    return any(name != target and "float" in name for name in stored)
 
 
 def find(checked, dtype):

@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import os
 
+from zimage.weights.safetensors_files import DTYPES
+
 # Bytes per staging buffer. Pinning host memory is slow (64 MiB buffers, 1 GiB for 8 threads, took 0.45 s on an H200
 # host, once per process); 16 MiB copies still run at the pinned rate.
 CHUNK = 16 * 2**20
 
-STORED_DTYPES = {  # safetensors dtype tag -> torch dtype name (getattr(torch, name))
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
 
 
 def read_tensors(items, device, dtype, progress=None, chunk: int = CHUNK) -> dict:
@@ -58,7 +55,7 @@ def read_tensors(items, device, dtype, progress=None, chunk: int = CHUNK) -> dic
     fd = os.open(path, os.O_RDONLY)
     try:
         for name, info in items:
-            stored = getattr(torch, STORED_DTYPES[info.dtype])
+            stored = getattr(torch, DTYPES[info.dtype][0])
             target = dtype if stored.is_floating_point else stored
             t = torch.empty(info.shape, dtype=target, device=device)
             nbytes = info.end - info.begin

@@ -15,6 +15,15 @@ from pathlib import Path
 from zimage.errors import ModelFolderError
 
 
+# safetensors dtype tag -> (torch dtype name: getattr(torch, name), bytes per element)
+DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str  # safetensors dtype tag: "F32", "BF16", "F16", "F8_E4M3", ...
