@@ -12,8 +12,10 @@ crash or a leak stays there) and writes one JSON record; a failing mode records 
   pinned copy rate;
 - diffusers: enable_model_cpu_offload (1 timed run: ~15 s/image), group offload (block level, CUDA streams) of the
   text encoder only, and of every network;
-- cold start, process start -> first PNG written, zimage and diffusers: imports, CUDA init, load (read + cast),
-  first image; with a warm page cache, then cold (drop_caches, needs root; recorded if not possible).
+- cold start, process start -> first PNG written: `zimage -v generate` as a user runs it (median of --cli-repeats
+  fresh processes, with the -v timeline of each phase), plain and with --converted-cache; script variants of zimage
+  and diffusers timing imports, CUDA init, load (read + cast) and first image apart; with a warm page cache, then
+  cold (drop_caches, needs root; recorded if not possible).
 Ratios are against zimage resident in the same run. Prints a table; writes benchmarks/results/memory_<gpu>_<date>.json.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -211,23 +214,32 @@ def child_cold(model: str, which: str, started: float, out_png: str) -> dict:
     return parts
 
 
-def cli_cold(model: str, out_dir: str, *flags: str) -> dict:
-    """`zimage generate` as a user runs it, timed from outside: process start to exit (PNG written)."""
+def cli_cold(model: str, out_dir: str, *flags: str, repeats: int = 1) -> dict:
+    """`zimage -v generate` as a user runs it, timed from outside: process start to the PNG's last write, `repeats`
+    fresh processes; the median run's -v timeline (ms since the process imported logging) is kept."""
     png = Path(out_dir) / ".cold-cli.png"
-    png.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "zimage", "generate", "--prompt", PROMPT, "--model", model, "--width", str(W),
+    cmd = [sys.executable, "-m", "zimage", "-v", "generate", "--prompt", PROMPT, "--model", model, "--width", str(W),
            "--height", str(H), "--steps", str(STEPS), "--seed", "1", "--output", str(png), "--overwrite", *flags]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
-    started = time.time()
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0 or not png.is_file():
-        return {"error": f"exit {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-4:])}
-    saved = png.stat().st_mtime - started  # the PNG's last write: "first image saved" (wall adds the exit)
-    png.unlink()
-    return {"command": " ".join(cmd[1:]), "saved_s": saved, "wall_s": wall,
-            "stderr_tail": proc.stderr.strip().splitlines()[-1:]}
+    runs = []
+    for _ in range(repeats):
+        png.unlink(missing_ok=True)
+        started = time.time()
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0 or not png.is_file():
+            return {"error": f"exit {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-4:])}
+        saved = png.stat().st_mtime - started  # the PNG's last write: "first image saved" (wall adds the exit)
+        png.unlink()
+        lines = [line.strip() for line in proc.stderr.replace("\r", "\n").splitlines()]
+        timeline = [m.group(1) for m in map(re.compile(r"(\d+ ms (?:DEBUG|INFO): .*)$").search, lines) if m]
+        runs.append({"saved_s": saved, "wall_s": wall, "timeline": timeline,
+                     "stderr_tail": [line for line in lines if "image(s) in" in line][-1:]})
+    median = sorted(runs, key=lambda r: r["saved_s"])[len(runs) // 2]
+    return {"command": " ".join(cmd[1:]), "repeats": repeats, "saved_s": median["saved_s"],
+            "saved_runs_s": [r["saved_s"] for r in runs], "wall_s": median["wall_s"],
+            "stderr_tail": median["stderr_tail"], "timeline": median["timeline"]}
 
 
 # ----------------------------------------------------------------------------------------------- parent side
@@ -304,6 +316,8 @@ def main() -> int:
                    help="budgets besides resident and the smallest: GiB, 'resident', '+fp8' for the lossy fp8 plans")
     p.add_argument("--cold-variants", default=",".join(COLD_VARIANTS),
                    help="zimage cold-start variants with a warm page cache (comma list; 'none' for only the CLI runs)")
+    p.add_argument("--cli-repeats", type=int, default=5, help="fresh `zimage generate` processes per CLI cold start "
+                                                                 "row (the median is reported)")
     p.add_argument("--diffusers-modes", default="model_cpu_offload,group_text_encoder,group_all",
                    help="diffusers low-memory modes to run (comma list)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -358,12 +372,16 @@ def main() -> int:
             if COLD_VARIANTS[which].get("converted_cache"):
                 spawn(args, "cold", which + "-write", 240)  # untimed: writes the converted copy
             results["cold_start"][f"{which} warm"] = spawn(args, "cold", which, 150)
-        results["cold_start"]["zimage CLI warm"] = cli_cold(str(args.model), args.out)
+        results["cold_start"]["zimage CLI warm"] = cli_cold(str(args.model), args.out, repeats=args.cli_repeats)
         cli_cold(str(args.model), args.out, "--converted-cache")  # untimed: writes the bf16 copy if missing
-        results["cold_start"]["zimage CLI --converted-cache warm"] = cli_cold(str(args.model), args.out,
-                                                                              "--converted-cache")
+        results["cold_start"]["zimage CLI --converted-cache warm"] = cli_cold(
+            str(args.model), args.out, "--converted-cache", repeats=args.cli_repeats)
         results["cold_start"]["diffusers warm"] = spawn(args, "cold", "diffusers", 150)
         if "cold-disk" not in skip:
+            for name, flags in (("zimage CLI", ()), ("zimage CLI --converted-cache", ("--converted-cache",))):
+                why = drop_caches()
+                results["cold_start"][f"{name} cold disk"] = {"error": why} if why else cli_cold(
+                    str(args.model), args.out, *flags)
             for which in ("zimage", "zimage-bf16-cache", "diffusers"):
                 if which in COLD_VARIANTS and which not in args.cold_variants.split(","):
                     continue

@@ -65,3 +65,53 @@ def test_truncated_file_is_a_clear_error(stored):
     path.write_bytes(data[: header["c.big"].begin + 100])  # cut inside c.big
     with pytest.raises(OSError, match="ended at byte"):
         read_tensors([("x", header["c.big"])], "cpu", torch.float32)
+
+
+def test_staging_buffers_are_pinned_ahead_only_for_gpu_reads(monkeypatch):
+    import torch
+
+    from zimage.weights import load, pinned_read
+
+    monkeypatch.setattr(pinned_read, "_prewarm", None)
+    started = []
+    monkeypatch.setattr(pinned_read, "prewarm", lambda readers: started.append(readers))
+    load.prepare_reads(torch.device("cpu"))
+    assert started == []
+    load.prepare_reads(torch.device("cuda", 0))
+    assert started == [load.READ_THREADS]
+    monkeypatch.setattr(load, "PINNED_READS", False)  # the safetensors reader pins nothing
+    load.prepare_reads(torch.device("cuda", 0))
+    assert started == [load.READ_THREADS]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_reads_are_exact_while_another_thread_allocates_and_frees_on_the_default_stream(tmp_path):
+    """The warm start runs kernels on the default stream while the weights load; blocks it frees with kernels still
+    queued must not become weights written from the reading streams (this once gave NaN weights)."""
+    import threading
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"w{i}": torch.randn(1024, 1024, generator=g) for i in range(48)}  # fp32, cast to bf16 on the GPU
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    header = read_header(path)
+    stop = threading.Event()
+
+    def churn():  # allocates and frees blocks of the weights' size with kernels still queued
+        a = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+        while not stop.is_set():
+            for _ in range(20):
+                b = a @ a  # (1024, 1024) bf16: the blocks the reads allocate
+                b.mul_(3.0)
+                del b
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(5):
+            got = read_tensors(list(header.items()), "cuda", torch.bfloat16)
+            for name, t in tensors.items():
+                assert torch.equal(got[name].cpu(), t.to(torch.bfloat16)), name
+    finally:
+        stop.set()
+        thread.join()

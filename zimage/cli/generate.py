@@ -5,6 +5,7 @@ Every input is validated and every output name planned before the model loads, s
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from zimage.cli.common import add_model_flags, engine_config
 from zimage.errors import UsageError
 from zimage.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, GenerateRequest
 from zimage.sizes import ASPECT_PRESETS, size_for_aspect
+
+log = logging.getLogger("zimage")
 
 
 def register(sub) -> None:
@@ -119,9 +122,11 @@ def plan_jobs(args) -> list[Job]:
 def run(args) -> int:
     from tqdm import tqdm
 
+    from zimage.engine.driver_init import start_in_background
     from zimage.engine.engine import Engine
     from zimage.io.png import save_png
 
+    start_in_background(args.device)  # overlaps the import of torch (cold start)
     jobs = plan_jobs(args)  # all validation before the model loads
     total = sum(j.request.num_images for j in jobs)
     engine = Engine.load(engine_config(args, show_progress=True, expected_images=total, first=jobs[0].request))
@@ -133,6 +138,7 @@ def run(args) -> int:
         result = engine.generate(job.request)
         for img, path in zip(result.images, job.paths):
             save_png(img.image, path, img.metadata, overwrite=args.overwrite)
+            log.debug("saved %s", path)
             print(path)
         bar.update(len(result.images))
         t = result.timings

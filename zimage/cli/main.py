@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast, memory-smart text-to-image with Z-Image-Turbo. Run `zimage COMMAND --help` for details.",
     )
     parser.add_argument("--version", action="version", version=f"zimage {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more (loading, plans, timings)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log more: each loading phase with its time, plans, libraries' notes")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"zimage.cli.{name}").register(sub)  # adds "make-tiny" etc.
@@ -33,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    # Our own notes (loading summary, plans) at INFO; libraries stay at WARNING unless -v.
-    logging.getLogger("zimage").setLevel(logging.INFO)
+    # Our own notes (loading summary, plans) at INFO; libraries stay at WARNING unless -v. With -v, zimage's
+    # timeline of each phase (DEBUG), stamped with milliseconds since the process imported logging (~its start).
+    fmt = "%(relativeCreated)7.0f ms %(levelname)s: %(message)s" if args.verbose else "%(levelname)s: %(message)s"
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=fmt)
+    logging.getLogger("zimage").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except ZImageError as e:

@@ -51,22 +51,25 @@ class Engine:
     @classmethod
     def load(cls, config: EngineConfig | None = None, **overrides) -> "Engine":
         """Find, check and load the model; choose device, dtype, memory plan and speed mode."""
+        t0 = time.perf_counter()
         import torch
 
-        from zimage.engine.device import resolve_device, resolve_dtype
-        from zimage.engine.text import PromptEncoder
-        from zimage.engine.warm_start import WarmStart
+        log.debug("torch %s imported (%.2fs)", torch.__version__, time.perf_counter() - t0)
+
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        from zimage.engine.device import dtype_name, resolve_device, resolve_dtype
         from zimage.engine.fp16_guard import install_fp16_guard
+        from zimage.engine.text import PromptEncoder
         from zimage.engine.sampling import FlowMatchConfig
         from zimage.memory.policy import Parts
         from zimage.memory.select import select_policy
         from zimage.models.tokenizer import PromptTokenizer
-        from zimage.speed.apply import apply_speed, resolve_speed
+        from zimage.speed.apply import apply_speed
         from zimage.weights.check import check_model_folder
-        from zimage.weights.load import load_network
+        from zimage.weights.load import load_network, prepare_reads
         from zimage.weights.locate import locate_model
 
-        t0 = time.perf_counter()
         config = config or EngineConfig()
         if overrides:
             from dataclasses import replace
@@ -74,36 +77,54 @@ class Engine:
             config = replace(config, **overrides)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        prepare_reads(device)
+        log.debug("device %s, dtype %s", device, dtype_name(dtype))
         location = locate_model(config.model)
         checked = check_model_folder(location.path)  # every part present and well-formed, before reading data
+        log.debug("%s checked at %s", location.model_id, location.path)
 
         tokenizer = PromptTokenizer.from_folder(location.path / "tokenizer")
         scheduler = FlowMatchConfig.from_file(location.path / "scheduler" / "scheduler_config.json")
+        log.debug("tokenizer and scheduler read")
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # the VAE overflows in fp16
         total = sum(c.nbytes for c in checked.values())
         bar = _progress_bar(config.show_progress, total, f"loading {location.model_id}")
         policy = select_policy(config, device, dtype, checked)
-        warm = None
+        log.debug("memory plan: %s", policy.describe())
         try:
             step = bar.update if bar else None
-            # Each network is loaded straight to where the plan keeps it (device, or host memory to stream from).
-            # The small ones first: the first image's prompt encoding and decoder start-up then run while the
-            # transformer is read (zimage.engine.warm_start).
             conv = config.converted_cache
+            # Each network is loaded straight to where the plan keeps it (device, or host memory to stream from).
+            # The VAE first; then a loader thread reads the text encoder and the transformer while this thread,
+            # the one that will generate, does the first image's start-up work (zimage.engine.warm_start).
             vae = load_network(checked["vae"], policy.home("vae", device), vae_dtype, step)
-            text_encoder = load_network(checked["text_encoder"], policy.home("text_encoder", device), dtype, step, conv)
-            prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens, config.prompt_cache_size)
-            eager_decoder = resolve_speed(config.speed, device, config.expected_images) == "eager"
-            warm = WarmStart.start(prompts, vae, device, config.warm_prompts,
-                                   config.warm_size if eager_decoder else None)
-            transformer = load_network(checked["transformer"], policy.home("transformer", device), dtype, step, conv)
+            text_ready: Future = Future()
+
+            def read_the_rest():
+                try:
+                    text_ready.set_result(load_network(checked["text_encoder"], policy.home("text_encoder", device),
+                                                       dtype, step, conv))
+                except BaseException as e:
+                    text_ready.set_exception(e)
+                    raise
+                return load_network(checked["transformer"], policy.home("transformer", device), dtype, step, conv)
+
+            with ThreadPoolExecutor(1, thread_name_prefix="zimage-loader") as loader:
+                transformer_ready = loader.submit(read_the_rest)
+                warm = _plan_warm_start(config, device, dtype, policy, checked, tokenizer, vae)
+                if warm is not None:
+                    warm.before_text_encoder()
+                text_encoder = text_ready.result()
+                prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens,
+                                        config.prompt_cache_size)
+                if warm is not None:
+                    warm.with_text_encoder(prompts)
+                transformer = transformer_ready.result()
             if policy.plan.weight_dtype == "fp8":  # the user's lossy choice; quantised where it was loaded
                 from zimage.speed.fp8 import fp8_matmul_supported, quantize_transformer
 
                 quantize_transformer(transformer, matmul=dtype == torch.bfloat16 and fp8_matmul_supported(device))
         finally:
-            if warm is not None:
-                warm.join()
             if bar:
                 bar.close()
         engine = cls(config, location, device, dtype, prompts, scheduler, transformer, text_encoder, vae, policy)
@@ -280,6 +301,19 @@ class Engine:
 
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
+
+
+def _plan_warm_start(config, device, dtype, policy, checked, tokenizer, vae):
+    """The first image's start-up work (zimage.engine.warm_start) for this load, or None."""
+    from zimage.engine.warm_start import WarmStart, stand_in_for
+    from zimage.speed.apply import resolve_speed
+
+    eager = resolve_speed(config.speed, device, config.expected_images) == "eager"
+    stand_in = None
+    if eager and device.type == "cuda":
+        stand_in = stand_in_for(policy, checked["transformer"].network.config, dtype, tokenizer, config.warm_prompts,
+                                config.max_text_tokens)
+    return WarmStart.plan(device, config.warm_prompts, vae if eager else None, config.warm_size, stand_in)
 
 
 def _finite(t) -> bool:

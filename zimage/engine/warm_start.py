@@ -1,71 +1,157 @@
-"""Work for the first image done while the transformer is still being read (cold start).
+"""Work for the first image done while the model is still being read (cold start).
 
-Reading the 6B transformer takes the longest part of loading, and the GPU computes nothing meanwhile: its reads use
-the copy engines. So once the text encoder and the VAE are on the device, a side thread
-- encodes the prompts the caller already knows (the CLI passes its first ones) into the prompt cache, so the first
-  generate skips the text encoder; this also pays cuBLAS's and the attention kernels' one-time start-up;
+Reading the text encoder and the 6B transformer takes the longest part of loading, and the GPU computes nothing
+meanwhile: the reads use the copy engines. So once the VAE (the first, smallest network) is on the device, a loader
+thread reads the other two (zimage.engine.engine.Engine.load) and the calling thread, the one that will generate,
 - decodes a zero latent at the first image's size (eager speed only: compile mode replaces the decoder), which
-  pays cuDNN's start-up and loads the convolution kernels the first decode uses.
-Results are exactly those of doing the same work later (same modules, same inputs). Only for plans that keep both
-networks on the device whole: under an offloading plan their memory policy moves weights per phase.
+  pays cuDNN's start-up and loads the convolution kernels the first decode uses;
+- runs one denoising step of a stand-in transformer (eager speed, all-resident plan, when it fits): the same
+  config cut to one block of each kind, zero weights, zero captions of the first prompt's token count, the first
+  image's size. Every kernel the real forward launches (GEMM shapes, attention, norms, RoPE) is then loaded and
+  chosen, and the caching allocator holds blocks of the forward's activation sizes;
+- once the text encoder is in, encodes the prompts the caller already knows (the CLI passes its first ones) into
+  the prompt cache, so the first generate skips the text encoder.
+It is the generating thread because part of that start-up is per thread (cuBLAS and cuDNN handles and workspaces):
+done in a side thread, the first image's first step still took 180 ms against 104 ms for the later ones (H200,
+1024x1024; 205 ms with no stand-in step at all).
+Results are exactly those of doing the same work later (same modules, same inputs; the stand-in touches no real
+weight). Only for networks wholly on the device: under an offloading plan the memory policy moves weights per phase.
 A failure here (an out-of-memory, say) is logged and dropped: the first generate does the work again and handles it.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import time
+from dataclasses import dataclass
 
 log = logging.getLogger("zimage")
 
 
+@dataclass(frozen=True)
+class StandIn:
+    """What the stand-in step needs: the transformer's config, the compute dtype, the first caption's length."""
+
+    config: dict  # the transformer's config.json
+    dtype: object  # torch dtype of the real forward
+    caption_tokens: int  # tokens of the first prompt with the chat template (at most max_text_tokens)
+
+
 class WarmStart:
-    def __init__(self, prompts, vae, device, prompt_texts: tuple[str, ...], size: tuple[int, int] | None):
-        self._prompts = prompts  # zimage.engine.text.PromptEncoder
-        self._vae = vae
-        self._device = device
-        self._texts = list(dict.fromkeys(prompt_texts))
-        self._size = size  # (width, height) pixels of the VAE warm-up, or None for none
-        self._thread = threading.Thread(target=self._run, name="zimage-warm-start", daemon=True)
+    def __init__(self, device, prompt_texts: tuple[str, ...] = (), vae=None, size: tuple[int, int] | None = None,
+                 stand_in: StandIn | None = None):
+        self.device = device
+        self.texts = list(dict.fromkeys(prompt_texts))
+        self.vae = vae  # the loaded VAE decoder, or None for no decoder warm-up
+        self.size = size  # (width, height) pixels of the first image
+        self.stand_in = stand_in
 
     @classmethod
-    def start(cls, prompts, vae, device, prompt_texts=(), size=None) -> "WarmStart | None":
-        """Begin in a thread when there is something to do on a GPU; None otherwise."""
-        if not worth_it(device, prompts.text_encoder, vae, prompt_texts, size):
+    def plan(cls, device, prompt_texts=(), vae=None, size=None, stand_in=None) -> "WarmStart | None":
+        """The work worth doing on `device`, or None. `vae` and `size` ask for the decoder warm-up, `stand_in` (with
+        `size`) for the stand-in step, `prompt_texts` for encoding once the text encoder is loaded."""
+        if not worth_it(device, prompt_texts, vae, size, stand_in):
             return None
-        warm = cls(prompts, vae, device, tuple(prompt_texts), size)
-        warm._thread.start()
-        return warm
+        return cls(device, tuple(prompt_texts), vae, size, stand_in)
 
-    def _run(self) -> None:
+    def before_text_encoder(self) -> None:
+        """The decoder warm-up and the stand-in step (they need no text encoder)."""
+        if self.vae is not None and self.size is not None:
+            self._attempt(f"decoder started at {self.size[0]}x{self.size[1]}", self._decoder)
+        if self.stand_in is not None and self.size is not None:
+            self._attempt("stand-in step", self._stand_in_step)
+
+    def with_text_encoder(self, prompts) -> None:
+        """Encode the known prompts with `prompts` (zimage.engine.text.PromptEncoder) into its cache."""
+        from zimage.engine.device import on_device
+
+        if self.texts and on_device(prompts.text_encoder, self.device):
+            self._attempt(f"{len(self.texts)} prompt(s) encoded", lambda: prompts.encode(self.texts))
+
+    def _attempt(self, what: str, work) -> None:
         import torch
 
-        cuda = self._device.type == "cuda"
+        t = time.perf_counter()
         try:
-            if cuda:
-                torch.cuda.set_device(self._device)  # the thread's current device (a new thread starts on cuda:0)
-            if self._texts:
-                self._prompts.encode(self._texts)
-            if self._size is not None:
-                from zimage.engine.decode import decode_latents
-
-                w, h = self._size
-                channels = self._vae.config.latent_channels
-                decode_latents(self._vae, torch.zeros(1, channels, h // 8, w // 8, device=self._device))
-            if cuda:
-                torch.cuda.synchronize(self._device)
+            work()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         except Exception as e:  # noqa: BLE001 - the first generate redoes this work and reports its own errors
-            log.warning("warm start skipped (%s: %s); the first image does this work instead", type(e).__name__, e)
+            log.warning("warm start: %s skipped (%s: %s); the first image does this work instead",
+                        what, type(e).__name__, e)
+            return
+        log.debug("warm start: %s (%.2fs)", what, time.perf_counter() - t)
 
-    def join(self) -> None:
-        self._thread.join()
+    def _decoder(self) -> None:
+        import torch
+
+        from zimage.engine.decode import decode_latents
+
+        w, h = self.size
+        channels = self.vae.config.latent_channels
+        decode_latents(self.vae, torch.zeros(1, channels, h // 8, w // 8, device=self.device))
+
+    def _stand_in_step(self) -> None:
+        """One eager step of `stand_in_transformer` at the first image's size and caption length."""
+        import torch
+
+        from zimage.speed.fast_transformer import FastTransformer
+
+        spec = self.stand_in
+        model = stand_in_transformer(spec.config, self.device, spec.dtype)
+        fast = FastTransformer(model)  # eager: the native attention backend, as apply_speed sets for eager
+        w, h = self.size
+        caption = torch.zeros(spec.caption_tokens, model.config["cap_feat_dim"], dtype=spec.dtype, device=self.device)
+        with torch.inference_mode():
+            ctx = fast.prepare([caption], h // 8, w // 8)
+            x = torch.zeros(1, model.in_channels, h // 8, w // 8, dtype=spec.dtype, device=self.device)
+            fast.forward(x, torch.full((1,), 0.5, device=self.device), ctx)
 
 
-def worth_it(device, text_encoder, vae, prompt_texts, size) -> bool:
-    """On a GPU (on a CPU the threads would only compete for the cores that read the weights), with something to
-    do, and both networks wholly on the device."""
+def worth_it(device, prompt_texts, vae, size, stand_in) -> bool:
+    """On a GPU (on a CPU the work would only compete for the cores that read the weights), with something to do:
+    a VAE wholly on the device to warm up, a stand-in step, or prompts to encode."""
     from zimage.engine.device import on_device
 
-    if device.type != "cuda" or not (prompt_texts or size):
+    if device.type != "cuda":
         return False
-    return on_device(text_encoder, device) and on_device(vae, device)
+    decoder = vae is not None and size is not None and on_device(vae, device)
+    return bool(decoder or (stand_in is not None and size is not None) or prompt_texts)
+
+
+def stand_in_for(policy, config: dict, dtype, tokenizer, prompt_texts, max_tokens: int) -> StandIn | None:
+    """The stand-in step's spec, or None where it does not apply: only under the all-resident plan (an fp8 plan runs
+    other kernels, a streamed one other code), only where the plan leaves room for its weights above the predicted
+    peak, and only with a known first prompt (its token count sets the caption's shape)."""
+    plan = getattr(policy, "plan", None)
+    if not prompt_texts or plan is None or plan.kind != "resident":
+        return None
+    if plan.budget_bytes - plan.peak_bytes < stand_in_bytes(config, dtype):
+        return None
+    tokens = min(tokenizer.count_tokens(tokenizer.template(prompt_texts[0])), max_tokens)
+    return StandIn(config, dtype, tokens)
+
+
+def stand_in_transformer(config: dict, device, dtype):
+    """The transformer of `config` cut to one block of each kind (noise refiner, context refiner, joint), with zero
+    weights on `device` in `dtype`: the real forward's shapes and kernels, ~1/13 of its weights (1.1 GB)."""
+    import torch
+
+    model = _stand_in_on_meta(config)
+    zeros = {name: torch.zeros(t.shape, dtype=dtype, device=device) for name, t in model.state_dict().items()}
+    model.load_state_dict(zeros, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+def stand_in_bytes(config: dict, dtype) -> int:
+    """GPU bytes of `stand_in_transformer(config, ..., dtype)`'s weights."""
+    return sum(p.numel() for p in _stand_in_on_meta(config).parameters()) * dtype.itemsize
+
+
+def _stand_in_on_meta(config: dict):
+    import torch
+
+    from zimage.models.z_image import ZImageTransformer
+
+    with torch.device("meta"):
+        return ZImageTransformer({**config, "n_layers": 1, "n_refiner_layers": 1})

@@ -97,6 +97,10 @@ class BlockStreamer:
         if not self.buffers and self.order:
             n = min(STREAM_BUFFERS, len(self.order))
             self.buffers = [torch.empty(self.buffer_bytes, dtype=torch.uint8, device=self.device) for _ in range(n)]
+            if self.cuda:
+                # The buffers come from the compute stream's pool, maybe from blocks whose last kernels are still
+                # queued there; the copy stream, which writes them, must start after those.
+                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def release(self) -> None:
         """Give the GPU buffers back (between phases); the next forward allocates them again."""
