@@ -26,7 +26,9 @@ def prepare_reads(device) -> None:
     """Call once the device is known, before checking the model: GPU reads get their pinned buffers early."""
     import torch
 
-    if PINNED_READS and torch.device(device).type == "cuda":
+    from zimage.weights import early_read
+
+    if PINNED_READS and torch.device(device).type == "cuda" and early_read.active() is None:
         from zimage.weights.pinned_read import prewarm
 
         prewarm(READ_THREADS)
@@ -39,11 +41,10 @@ def load_network(checked: CheckedNetwork, device, dtype, progress=None, converte
     `device` and cast there (to a GPU through pinned buffers unless PINNED_READS is off).
     With `converted_cache`, a copy already in `dtype` is read instead when one exists for exactly these source
     files (zimage.weights.converted), and written after the first load otherwise.
-    Returns the module in eval mode with gradients off.
+    Where the CLI read the files into GPU memory while torch was imported (zimage.weights.early_read), the tensors
+    are copied (and cast) from there instead. Returns the module in eval mode with gradients off.
     """
-    import threading
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
@@ -56,7 +57,44 @@ def load_network(checked: CheckedNetwork, device, dtype, progress=None, converte
     if cached is not None:
         source = cached
     module = checked.network.module
-    tasks = _slices(source, READ_THREADS)
+    state = None
+    if torch.device(device).type == "cuda":  # already on the GPU if read while torch was imported
+        from zimage.weights import early_read
+
+        early = early_read.active()
+        if early is not None and early.has({info.file for _, info in source.tensors.values()}):
+            state = early.take(source.tensors, device, dtype)
+    origin = "converted cache" if cached is not None else "source"
+    if state is None:
+        state = _read(source, device, dtype, progress)
+        threads = max(1, min(READ_THREADS, len(_slices(source, READ_THREADS))))
+    else:
+        if progress is not None:
+            progress(source.nbytes)
+        origin, threads = "GPU buffers read during the import", 0
+    module.load_state_dict(state, strict=True, assign=True)
+    _check_materialized(module)
+    module.requires_grad_(False)
+    module.eval()
+    if converted_cache and cached is None:
+        converted.write(checked, dtype, state)
+    name, seconds = checked.network.component.name, time.perf_counter() - t0
+    LAST_STATS[f"{name}_s"] = seconds
+    LAST_STATS[f"{name}_from"] = origin
+    nbytes = source.nbytes
+    log.debug("%s loaded to %s in %.2fs: %.2f GB from the %s at %.1f GB/s%s", name, device, seconds, nbytes / 1e9,
+              origin, nbytes / 1e9 / max(seconds, 1e-9), f" by {threads} thread(s)" if threads else "")
+    return module
+
+
+def _read(source: CheckedNetwork, device, dtype, progress) -> dict:
+    """{module name: tensor} read from `source`'s files by up to READ_THREADS threads, each straight to `device`
+    and cast there (to a GPU through pinned buffers unless PINNED_READS is off)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
     read_device = str(device) if torch.device(device).type in ("cuda", "cpu") else "cpu"
     lock = threading.Lock()
 
@@ -84,26 +122,14 @@ def load_network(checked: CheckedNetwork, device, dtype, progress=None, converte
                     locked_progress(t.numel() * t.element_size())
         return out
 
+    tasks = _slices(source, READ_THREADS)
     state: dict[str, torch.Tensor] = {}
-    threads = max(1, min(READ_THREADS, len(tasks)))
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(max(1, min(READ_THREADS, len(tasks)))) as pool:
         for part in pool.map(read, tasks):
             state.update(part)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)  # reads and casts are done (for the timing below)
-    module.load_state_dict(state, strict=True, assign=True)
-    _check_materialized(module)
-    module.requires_grad_(False)
-    module.eval()
-    if converted_cache and cached is None:
-        converted.write(checked, dtype, state)
-    name, seconds = checked.network.component.name, time.perf_counter() - t0
-    LAST_STATS[f"{name}_s"] = seconds
-    LAST_STATS[f"{name}_from"] = "converted cache" if cached is not None else "source"
-    nbytes = source.nbytes
-    log.debug("%s loaded to %s in %.2fs: %.2f GB read from the %s at %.1f GB/s by %d thread(s)", name, device,
-              seconds, nbytes / 1e9, LAST_STATS[f"{name}_from"], nbytes / 1e9 / max(seconds, 1e-9), threads)
-    return module
+    return state
 
 
 def _slices(checked: CheckedNetwork, n: int) -> list[tuple[Path, list[tuple[str, str]]]]:
