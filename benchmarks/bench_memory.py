@@ -214,18 +214,11 @@ def child_cold(model: str, which: str, started: float, out_png: str) -> dict:
     return parts
 
 
-# Benchmark-only: the CLI with the early read's free-memory check made to fail, i.e. reads after the import.
-NO_EARLY_READ = "import zimage.weights.early_read as e; e.MARGIN = 1 << 60; "
-
-
-def cli_cold(model: str, out_dir: str, *flags: str, repeats: int = 1, prelude: str = "") -> dict:
+def cli_cold(model: str, out_dir: str, *flags: str, repeats: int = 1) -> dict:
     """`zimage -v generate` as a user runs it, timed from outside: process start to the PNG's last write, `repeats`
-    fresh processes; the median run's -v timeline (ms since the process imported logging) is kept. `prelude`: Python
-    run before the CLI's main (benchmark switches), with `python -c` instead of `python -m zimage`."""
+    fresh processes; the median run's -v timeline (ms since the process imported logging) is kept."""
     png = Path(out_dir) / ".cold-cli.png"
-    entry = ["-c", prelude + "import sys; from zimage.cli.main import main; sys.exit(main(sys.argv[1:]))"] \
-        if prelude else ["-m", "zimage"]
-    cmd = [sys.executable, *entry, "-v", "generate", "--prompt", PROMPT, "--model", model, "--width", str(W),
+    cmd = [sys.executable, "-m", "zimage", "-v", "generate", "--prompt", PROMPT, "--model", model, "--width", str(W),
            "--height", str(H), "--steps", str(STEPS), "--seed", "1", "--output", str(png), "--overwrite", *flags]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
     runs = []
@@ -258,12 +251,12 @@ def cli_cold(model: str, out_dir: str, *flags: str, repeats: int = 1, prelude: s
 
 
 def cli_rows(model: str, out_dir: str, variants: dict, repeats: int) -> dict:
-    """cli_cold for each of `variants` = {name: (flags, prelude)}, interleaved (run 1 of each, then run 2, ...) so
+    """cli_cold for each of `variants` = {name: flags}, interleaved (run 1 of each, then run 2, ...) so
     that a drift of the machine touches all alike; each row as cli_cold reports it over its `repeats` runs."""
     per = {name: [] for name in variants}
     for _ in range(repeats):
-        for name, (flags, prelude) in variants.items():
-            per[name].append(cli_cold(model, out_dir, *flags, prelude=prelude))
+        for name, flags in variants.items():
+            per[name].append(cli_cold(model, out_dir, *flags))
     out = {}
     for name, recs in per.items():
         bad = [r for r in recs if "error" in r]
@@ -412,18 +405,15 @@ def main() -> int:
             results["cold_start"][f"{which} warm"] = spawn(args, "cold", which, 150)
         cli_cold(str(args.model), args.out, "--converted-cache")  # untimed: writes the bf16 copy if missing
         results["cold_start"].update(cli_rows(str(args.model), args.out, {
-            "zimage CLI warm": ((), ""),
-            "zimage CLI warm, reads after the import": ((), NO_EARLY_READ),
-            "zimage CLI --converted-cache warm": (("--converted-cache",), ""),
+            "zimage CLI warm": (),
+            "zimage CLI --converted-cache warm": ("--converted-cache",),
         }, args.cli_repeats))
         results["cold_start"]["diffusers warm"] = spawn(args, "cold", "diffusers", 150)
         if "cold-disk" not in skip:
-            for name, flags, prelude in (("zimage CLI", (), ""),
-                                         ("zimage CLI, reads after the import", (), NO_EARLY_READ),
-                                         ("zimage CLI --converted-cache", ("--converted-cache",), "")):
+            for name, flags in (("zimage CLI", ()), ("zimage CLI --converted-cache", ("--converted-cache",))):
                 why = drop_caches()
                 results["cold_start"][f"{name} cold disk"] = {"error": why} if why else cli_cold(
-                    str(args.model), args.out, *flags, prelude=prelude)
+                    str(args.model), args.out, *flags)
             for which in ("zimage", "zimage-bf16-cache", "diffusers"):
                 if which in COLD_VARIANTS and which not in args.cold_variants.split(","):
                     continue

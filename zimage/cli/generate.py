@@ -122,15 +122,12 @@ def plan_jobs(args) -> list[Job]:
 def run(args) -> int:
     from tqdm import tqdm
 
+    from zimage.engine.driver_init import start_in_background
     from zimage.engine.engine import Engine
     from zimage.io.png import save_png
-    from zimage.weights import early_read
-    from zimage.weights.load import READ_THREADS
 
     jobs = plan_jobs(args)  # all validation before the model loads
-    # CUDA's driver start-up and, where the GPU has room, the weights' reads overlap the import of torch
-    early_read.start(args.model, args.device, READ_THREADS,
-                     allowed=args.vram_budget is None and not args.converted_cache)
+    start_in_background(args.device)  # CUDA's driver start-up overlaps the import of torch (cold start)
     total = sum(j.request.num_images for j in jobs)
     engine = Engine.load(engine_config(args, show_progress=True, expected_images=total, first=jobs[0].request))
     if engine.location.source == "tiny":

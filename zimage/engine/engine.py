@@ -125,9 +125,6 @@ class Engine:
 
                 quantize_transformer(transformer, matmul=dtype == torch.bfloat16 and fp8_matmul_supported(device))
         finally:
-            from zimage.weights import early_read
-
-            early_read.finish()  # buffers read early that this load did not take (it failed) are freed
             if bar:
                 bar.close()
         engine = cls(config, location, device, dtype, prompts, scheduler, transformer, text_encoder, vae, policy)

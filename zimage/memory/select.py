@@ -26,11 +26,7 @@ def budget_bytes(config, device) -> int | None:
     if device.type == "cuda":
         import torch
 
-        from zimage.weights import early_read
-
         free, _total = torch.cuda.mem_get_info(device)
-        early = early_read.active()  # its GPU buffers are freed as the networks are taken from them
-        free += early.outstanding_bytes() if early is not None else 0
         return max(free - FREE_MARGIN_BYTES, 0)
     return None
 

@@ -26,9 +26,7 @@ def prepare_reads(device) -> None:
     """Call once the device is known, before checking the model: GPU reads get their pinned buffers early."""
     import torch
 
-    from zimage.weights import early_read
-
-    if PINNED_READS and torch.device(device).type == "cuda" and early_read.active() is None:
+    if PINNED_READS and torch.device(device).type == "cuda":
         from zimage.weights.pinned_read import prewarm
 
         prewarm(READ_THREADS)
@@ -41,12 +39,9 @@ def load_network(checked: CheckedNetwork, device, dtype, progress=None, converte
     `device` and cast there (to a GPU through pinned buffers unless PINNED_READS is off).
     With `converted_cache`, a copy already in `dtype` is read instead when one exists for exactly these source
     files (zimage.weights.converted), and written after the first load otherwise.
-    Where the CLI read the files into GPU memory while torch was imported (zimage.weights.early_read), the tensors
-    are copied (and cast) from there instead. Returns the module in eval mode with gradients off.
+    Returns the module in eval mode with gradients off.
     """
     import time
-
-    import torch
 
     from zimage.weights import converted
 
@@ -57,21 +52,9 @@ def load_network(checked: CheckedNetwork, device, dtype, progress=None, converte
     if cached is not None:
         source = cached
     module = checked.network.module
-    state = None
-    if torch.device(device).type == "cuda":  # already on the GPU if read while torch was imported
-        from zimage.weights import early_read
-
-        early = early_read.active()
-        if early is not None and early.has({info.file for _, info in source.tensors.values()}):
-            state = early.take(source.tensors, device, dtype)
+    state = _read(source, device, dtype, progress)
+    threads = max(1, min(READ_THREADS, len(_slices(source, READ_THREADS))))
     origin = "converted cache" if cached is not None else "source"
-    if state is None:
-        state = _read(source, device, dtype, progress)
-        threads = max(1, min(READ_THREADS, len(_slices(source, READ_THREADS))))
-    else:
-        if progress is not None:
-            progress(source.nbytes)
-        origin, threads = "GPU buffers read during the import", 0
     module.load_state_dict(state, strict=True, assign=True)
     _check_materialized(module)
     module.requires_grad_(False)
@@ -82,8 +65,8 @@ def load_network(checked: CheckedNetwork, device, dtype, progress=None, converte
     LAST_STATS[f"{name}_s"] = seconds
     LAST_STATS[f"{name}_from"] = origin
     nbytes = source.nbytes
-    log.debug("%s loaded to %s in %.2fs: %.2f GB from the %s at %.1f GB/s%s", name, device, seconds, nbytes / 1e9,
-              origin, nbytes / 1e9 / max(seconds, 1e-9), f" by {threads} thread(s)" if threads else "")
+    log.debug("%s loaded to %s in %.2fs: %.2f GB from the %s at %.1f GB/s by %d thread(s)", name, device, seconds,
+              nbytes / 1e9, origin, nbytes / 1e9 / max(seconds, 1e-9), threads)
     return module
 
 
