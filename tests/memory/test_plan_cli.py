@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from zimage.cli.main import main
 
 
@@ -29,6 +32,17 @@ def test_plan_too_small_is_a_usage_error(tiny_folder, capsys):
     assert "too small" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the budget is what it has free")
 def test_plan_without_gpu_needs_a_budget(tiny_folder, capsys):
     assert main(["plan", "--model", str(tiny_folder)]) == 2
     assert "--vram-budget" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_plan_on_a_gpu_takes_its_free_memory_as_the_budget(tiny_folder, capsys):
+    from zimage.memory.select import FREE_MARGIN_BYTES
+
+    assert main(["plan", "--model", str(tiny_folder)]) == 0
+    budget_gib = (torch.cuda.mem_get_info()[0] - FREE_MARGIN_BYTES) / 2**30  # the GPU is idle: free stays put
+    out = capsys.readouterr().out
+    assert "memory plan: resident" in out and f"of {budget_gib:.1f} GiB" in out, out
