@@ -51,6 +51,18 @@ def test_save_and_read_back(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
 
 
+def test_saved_file_gets_the_users_default_mode_not_the_temp_files_0600(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        path = save_png(image(), tmp_path / "a.png", META)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
 def test_encode_png_bytes_carry_metadata(tmp_path):
     data = encode_png(image(), META)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -30,6 +30,8 @@ def save_png(image, path: Path, meta: ImageMetadata, overwrite: bool = False) ->
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
     try:
+        # mkstemp makes the file private (0600); the image gets the mode any new file of the user's would
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=png_info(meta))
         os.replace(tmp, path)
@@ -37,6 +39,19 @@ def save_png(image, path: Path, meta: ImageMetadata, overwrite: bool = False) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's file-creation mask. Linux reports it in /proc; elsewhere it can only be read by setting it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def encode_png(image, meta: ImageMetadata) -> bytes:
