@@ -498,6 +498,19 @@ def test_subprocess_generate(tmp_path):
     assert json.loads(Image.open(tmp_path / "cat.png").text["zimage"])["seed"] == 4
 
 
+def test_entry_flushes_and_exits_with_mains_code(monkeypatch):
+    """The console script skips the interpreter's teardown (os._exit) after flushing; the subprocess tests above and
+    below run through it and see its stdout and exit codes."""
+    from zimage.cli import main as cli_main
+
+    calls = []
+    monkeypatch.setattr(cli_main, "main", lambda: 3)
+    monkeypatch.setattr(cli_main.logging, "shutdown", lambda: calls.append("logging flushed"))
+    monkeypatch.setattr(cli_main.os, "_exit", lambda code: calls.append(code))
+    cli_main.entry()
+    assert calls == ["logging flushed", 3]
+
+
 def test_subprocess_usage_error_exit_code_and_message(tmp_path):
     p = run_zimage("generate", "-p", "a cat", "--width", "300", "-o", "x.png", cwd=tmp_path)
     assert p.returncode == 2

@@ -1,3 +1,3 @@
-from zimage.cli.main import main
+from zimage.cli.main import entry
 
-raise SystemExit(main())
+entry()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from zimage.errors import ZImageError
@@ -47,3 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zimage: interrupted", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The `zimage` console script and `python -m zimage`: main(), then an exit that skips the interpreter's
+    teardown. After a model was loaded that teardown frees ~21 GB of GPU memory block by block, the pinned host
+    buffers and torch's modules: 0.8-1.2 s of waiting after the PNG is saved, 0.3 s without (H200, BENCHMARKS.md); the
+    OS reclaims it all at once. Every file a command writes is closed before main returns; streams are flushed here.
+    (main() itself returns normally, for callers from Python.)"""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
