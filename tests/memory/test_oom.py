@@ -81,3 +81,27 @@ def test_other_errors_pass_through(resident, monkeypatch):
     with pytest.raises(RuntimeError, match="not memory"):
         resident.generate(REQ)
     assert resident.policy.plan.kind == "resident"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_real_cuda_oom_under_a_cap_is_a_clear_error_frees_what_it_took_and_leaves_the_engine_usable(tiny_folder):
+    """Forced for real: a per-process cap just above the loaded weights leaves no room for any plan's activations."""
+    from zimage.engine.config import EngineConfig
+    from zimage.engine.engine import Engine
+
+    engine = Engine.load(EngineConfig(model=str(tiny_folder), device="cuda", dtype="bf16", speed="eager"))
+    req = GenerateRequest(prompts=("a lighthouse at night",), width=1024, height=1024, steps=2, seed=3)
+    expected = engine.generate(req).images[0].image
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    weights = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((weights + 2**20) / total)
+    try:
+        with pytest.raises(OutOfMemory, match="1024x1024"):
+            engine.generate(req)
+        assert torch.cuda.memory_allocated() <= weights  # what the failed attempts took is freed
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    got = engine.generate(req).images[0].image  # under whichever plan it fell back to
+    assert max(abs(a - b) for a, b in zip(got.tobytes(), expected.tobytes())) <= 2
