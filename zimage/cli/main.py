@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from zimage.errors import ZImageError
 from zimage.version import __version__
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def entry() -> None:
+def entry() -> NoReturn:
     """The `zimage` console script and `python -m zimage`: main(), then an exit that skips the interpreter's
     teardown. After a model was loaded that teardown frees ~21 GB of GPU memory block by block, the pinned host
     buffers and torch's modules: 0.8-1.2 s of waiting after the PNG is saved, 0.3 s without (H200, BENCHMARKS.md); the
@@ -61,4 +62,3 @@ def entry() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-

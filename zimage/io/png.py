@@ -30,8 +30,9 @@ def save_png(image, path: Path, meta: ImageMetadata, overwrite: bool = False) ->
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
     try:
-        # mkstemp makes the file private (0600); the image gets the mode any new file of the user's would
-        os.fchmod(fd, 0o666 & ~_umask())
+        if hasattr(os, "fchmod"):  # POSIX (Windows has no such modes before Python 3.13)
+            # mkstemp makes the file private (0600); the image gets the mode any new file of the user's would
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=png_info(meta))
         os.replace(tmp, path)
