@@ -214,62 +214,52 @@ def child_cold(model: str, which: str, started: float, out_png: str) -> dict:
     return parts
 
 
-def cli_cold(model: str, out_dir: str, *flags: str, repeats: int = 1) -> dict:
-    """`zimage -v generate` as a user runs it, timed from outside: process start to the PNG's last write, `repeats`
-    fresh processes; the median run's -v timeline (ms since the process imported logging) is kept."""
+def cli_run(model: str, out_dir: str, *flags: str) -> dict:
+    """One `zimage -v generate` as a user runs it, timed from outside: process start to the PNG's last write, with
+    the run's -v timeline (ms since the process imported logging); {'error': ...} if it failed."""
     png = Path(out_dir) / ".cold-cli.png"
     cmd = [sys.executable, "-m", "zimage", "-v", "generate", "--prompt", PROMPT, "--model", model, "--width", str(W),
            "--height", str(H), "--steps", str(STEPS), "--seed", "1", "--output", str(png), "--overwrite", *flags]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
-    runs = []
-    for _ in range(repeats):
-        png.unlink(missing_ok=True)
-        started = time.time()
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-        wall = time.perf_counter() - t
-        if proc.returncode != 0 or not png.is_file():
-            return {"error": f"exit {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-4:])}
-        saved = png.stat().st_mtime - started  # the PNG's last write: "first image saved" (wall adds the exit)
-        png.unlink()
-        lines = [line.strip() for line in proc.stderr.replace("\r", "\n").splitlines()]
-        timeline = [m.group(1) for m in map(re.compile(r"(\d+ ms (?:DEBUG|INFO): .*)$").search, lines) if m]
-        pattern = re.compile(r"torch \S+ imported \(([\d.]+)s\)")
-        imported = [float(m.group(1)) for m in map(pattern.search, timeline) if m]
-        runs.append({"saved_s": saved, "wall_s": wall, "import_torch_s": imported[0] if imported else None,
-                     "timeline": timeline, "stderr_tail": [line for line in lines if "image(s) in" in line][-1:]})
-    median = sorted(runs, key=lambda r: r["saved_s"])[len(runs) // 2]
-    imports = [r["import_torch_s"] for r in runs if r["import_torch_s"] is not None]
-    return {"command": " ".join(cmd[1:]), "repeats": repeats, "saved_s": median["saved_s"],
-            "saved_runs_s": [r["saved_s"] for r in runs], "wall_s": median["wall_s"],
-            "import_torch_runs_s": imports,
-            "import_torch_s": statistics.median(imports) if imports else None,
-            # everything but `import torch` (whose time varies 2.6-5 s between runs on the same machine)
-            "without_import_s": statistics.median(r["saved_s"] - r["import_torch_s"] for r in runs)
-            if len(imports) == len(runs) else None,
-            "stderr_tail": median["stderr_tail"], "timeline": median["timeline"]}
+    png.unlink(missing_ok=True)
+    started = time.time()
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0 or not png.is_file():
+        return {"error": f"exit {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-4:])}
+    saved = png.stat().st_mtime - started  # the PNG's last write: "first image saved" (wall adds the exit)
+    png.unlink()
+    lines = [line.strip() for line in proc.stderr.replace("\r", "\n").splitlines()]
+    timeline = [m.group(1) for m in map(re.compile(r"(\d+ ms (?:DEBUG|INFO): .*)$").search, lines) if m]
+    imported = [float(m.group(1)) for m in map(re.compile(r"torch \S+ imported \(([\d.]+)s\)").search, timeline) if m]
+    return {"command": " ".join(cmd[1:]), "saved_s": saved, "wall_s": wall,
+            "import_torch_s": imported[0] if imported else None,
+            "stderr_tail": [line for line in lines if "image(s) in" in line][-1:], "timeline": timeline}
 
 
 def cli_rows(model: str, out_dir: str, variants: dict, repeats: int) -> dict:
-    """cli_cold for each of `variants` = {name: flags}, interleaved (run 1 of each, then run 2, ...) so
-    that a drift of the machine touches all alike; each row as cli_cold reports it over its `repeats` runs."""
+    """cli_run for each of `variants` = {name: flags}, `repeats` times, interleaved (run 1 of each, then run 2, ...)
+    so that a drift of the machine touches all alike. Each row: medians over its runs, and the median run's
+    command, wall time and timeline."""
     per = {name: [] for name in variants}
     for _ in range(repeats):
         for name, flags in variants.items():
-            per[name].append(cli_cold(model, out_dir, *flags))
+            per[name].append(cli_run(model, out_dir, *flags))
     out = {}
-    for name, recs in per.items():
-        bad = [r for r in recs if "error" in r]
+    for name, runs in per.items():
+        bad = [r for r in runs if "error" in r]
         if bad:
             out[name] = bad[0]
             continue
-        saved = [r["saved_s"] for r in recs]
-        median = sorted(recs, key=lambda r: r["saved_s"])[len(recs) // 2]
-        imports = [x for r in recs for x in r["import_torch_runs_s"]]
-        rests = [r["without_import_s"] for r in recs if r["without_import_s"] is not None]
-        out[name] = {**median, "repeats": repeats, "saved_s": statistics.median(saved), "saved_runs_s": saved,
-                     "import_torch_runs_s": imports, "import_torch_s": statistics.median(imports) if imports else None,
-                     "without_import_s": statistics.median(rests) if rests else None}
+        median = sorted(runs, key=lambda r: r["saved_s"])[len(runs) // 2]
+        imports = [r["import_torch_s"] for r in runs if r["import_torch_s"] is not None]
+        out[name] = {**median, "repeats": repeats, "saved_s": statistics.median(r["saved_s"] for r in runs),
+                     "saved_runs_s": [r["saved_s"] for r in runs], "import_torch_runs_s": imports,
+                     "import_torch_s": statistics.median(imports) if imports else None,
+                     # everything but `import torch` (whose time varies 2.6-5 s between runs on the same machine)
+                     "without_import_s": statistics.median(r["saved_s"] - r["import_torch_s"] for r in runs)
+                     if len(imports) == len(runs) else None}
     return out
 
 
@@ -403,7 +393,7 @@ def main() -> int:
             if COLD_VARIANTS[which].get("converted_cache"):
                 spawn(args, "cold", which + "-write", 240)  # untimed: writes the converted copy
             results["cold_start"][f"{which} warm"] = spawn(args, "cold", which, 150)
-        cli_cold(str(args.model), args.out, "--converted-cache")  # untimed: writes the bf16 copy if missing
+        cli_run(str(args.model), args.out, "--converted-cache")  # untimed: writes the bf16 copy if missing
         results["cold_start"].update(cli_rows(str(args.model), args.out, {
             "zimage CLI warm": (),
             "zimage CLI --converted-cache warm": ("--converted-cache",),
@@ -412,8 +402,8 @@ def main() -> int:
         if "cold-disk" not in skip:
             for name, flags in (("zimage CLI", ()), ("zimage CLI --converted-cache", ("--converted-cache",))):
                 why = drop_caches()
-                results["cold_start"][f"{name} cold disk"] = {"error": why} if why else cli_cold(
-                    str(args.model), args.out, *flags)
+                results["cold_start"][f"{name} cold disk"] = {"error": why} if why else cli_rows(
+                    str(args.model), args.out, {name: flags}, 1)[name]
             for which in ("zimage", "zimage-bf16-cache", "diffusers"):
                 if which in COLD_VARIANTS and which not in args.cold_variants.split(","):
                     continue

@@ -23,7 +23,6 @@ def test_engine_load_and_generate_import_no_heavy_library(tiny_folder):
     assert out.stdout.strip() == "", f"imported: {out.stdout.strip()}"
 
 
-
 def test_the_driver_init_thread_starts_only_for_cuda_devices_on_linux(monkeypatch):
     import sys
 

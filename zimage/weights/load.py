@@ -52,8 +52,7 @@ def load_network(checked: CheckedNetwork, device, dtype, progress=None, converte
     if cached is not None:
         source = cached
     module = checked.network.module
-    state = _read(source, device, dtype, progress)
-    threads = max(1, min(READ_THREADS, len(_slices(source, READ_THREADS))))
+    state, threads = _read(source, device, dtype, progress)
     origin = "converted cache" if cached is not None else "source"
     module.load_state_dict(state, strict=True, assign=True)
     _check_materialized(module)
@@ -70,9 +69,9 @@ def load_network(checked: CheckedNetwork, device, dtype, progress=None, converte
     return module
 
 
-def _read(source: CheckedNetwork, device, dtype, progress) -> dict:
-    """{module name: tensor} read from `source`'s files by up to READ_THREADS threads, each straight to `device`
-    and cast there (to a GPU through pinned buffers unless PINNED_READS is off)."""
+def _read(source: CheckedNetwork, device, dtype, progress) -> tuple[dict, int]:
+    """({module name: tensor}, threads used): read from `source`'s files by up to READ_THREADS threads, each straight
+    to `device` and cast there (to a GPU through pinned buffers unless PINNED_READS is off)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -106,13 +105,14 @@ def _read(source: CheckedNetwork, device, dtype, progress) -> dict:
         return out
 
     tasks = _slices(source, READ_THREADS)
+    threads = max(1, min(READ_THREADS, len(tasks)))
     state: dict[str, torch.Tensor] = {}
-    with ThreadPoolExecutor(max(1, min(READ_THREADS, len(tasks)))) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         for part in pool.map(read, tasks):
             state.update(part)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)  # reads and casts are done (for the timing below)
-    return state
+    return state, threads
 
 
 def _slices(checked: CheckedNetwork, n: int) -> list[tuple[Path, list[tuple[str, str]]]]:
