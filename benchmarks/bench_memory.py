@@ -214,13 +214,14 @@ def child_cold(model: str, which: str, started: float, out_png: str) -> dict:
     return parts
 
 
-def cli_run(model: str, out_dir: str, *flags: str) -> dict:
+def cli_run(model: str, out_dir: str, *flags: str, root: Path = HERE.parent) -> dict:
     """One `zimage -v generate` as a user runs it, timed from outside: process start to the PNG's last write, with
-    the run's -v timeline (ms since the process imported logging); {'error': ...} if it failed."""
+    the run's -v timeline (ms since the process imported logging); {'error': ...} if it failed. `root`: the
+    checkout whose zimage package runs (another one for an A/B comparison)."""
     png = Path(out_dir) / ".cold-cli.png"
     cmd = [sys.executable, "-m", "zimage", "-v", "generate", "--prompt", PROMPT, "--model", model, "--width", str(W),
            "--height", str(H), "--steps", str(STEPS), "--seed", "1", "--output", str(png), "--overwrite", *flags]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     png.unlink(missing_ok=True)
     started = time.time()
     t = time.perf_counter()
@@ -272,7 +273,7 @@ def spawn(args, kind: str, arg: str, timeout: float, extra_env=None) -> dict:
            "--child-out", str(out), "--started", repr(time.time())]
     t = time.perf_counter()
     try:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**env, **(extra_env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The repository first, then whatever the caller already had on the path (a --target install of diffusers).
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 SCRIPTS = ["bench_speed.py", "bench_compile.py", "bench_memory.py", "bench_forward_variants.py", "bench_profile.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_script_help(script):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH)
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -90,7 +92,7 @@ def test_profile_script_runs_on_cpu(tiny_folder, tmp_path):
     """The whole script on the tiny model on CPU: timings, the op breakdown, rates and the floor, JSON written."""
     import json
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH, CUDA_VISIBLE_DEVICES="")
     out = subprocess.run([sys.executable, "bench_profile.py", "--model", str(tiny_folder), "--device", "cpu",
                           "--size", "256x256", "--modes", "eager", "--repeats", "2", "--cudagraphs",
                           "--out", str(tmp_path)], cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True,
