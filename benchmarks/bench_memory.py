@@ -225,7 +225,8 @@ def cli_run(model: str, out_dir: str, *flags: str, root: Path = HERE.parent) -> 
     png.unlink(missing_ok=True)
     started = time.time()
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=root)
     wall = time.perf_counter() - t
     if proc.returncode != 0 or not png.is_file():
         return {"error": f"exit {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-4:])}

