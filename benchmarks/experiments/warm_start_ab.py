@@ -1,8 +1,11 @@
 """A/B of the cold start CLI between this checkout and another one (`--other DIR`, a copy of an earlier commit's
 zimage package): `zimage -v generate` to PNG saved, with and without --converted-cache, interleaved fresh
-processes, medians. JSON to $OUT (warm_start_ab_*). Used for the stand-in step moved to a side thread:
+processes, medians. JSON to $OUT (warm_start_ab_*).
 
-    mkdir -p .ab/old && git archive HEAD~1 zimage | tar -x -C .ab/old   # then carry .ab to the GPU machine
+Run at commit d0e2074 (the stand-in step on a side thread, since reverted) against e002612 (on the generating
+thread): benchmarks/results/warm_start_ab_NVIDIA-H200_2026-11-30.json.
+
+    mkdir -p .ab/old && git archive e002612 zimage | tar -x -C .ab/old   # then carry .ab to the GPU machine
     python3 benchmarks/experiments/warm_start_ab.py --other .ab/old --label-other "stand-in on the generating thread"
 """
 import argparse

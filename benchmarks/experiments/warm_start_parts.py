@@ -1,6 +1,7 @@
 """Exploration: what each piece of the warm start (zimage.engine.warm_start) costs on the generating thread alone,
 and while the loader thread reads the text encoder and transformer (as Engine.load runs it), and what the real
-first step costs with and without it. One fresh process per variant; JSON to $OUT (warm_start_parts_*).
+first step costs with and without it. One fresh process per variant; JSON to $OUT (warm_start_parts_*; run with
+the package of e002612: benchmarks/results/warm_start_parts_NVIDIA-H200_2026-11-30.json).
 
     python3 benchmarks/experiments/warm_start_parts.py   # needs the full-size folder at $ZIMAGE_BENCH_MODEL
 """

@@ -96,8 +96,7 @@ class Engine:
             conv = config.converted_cache
             # Each network is loaded straight to where the plan keeps it (device, or host memory to stream from).
             # The VAE first; then a loader thread reads the text encoder and the transformer while this thread,
-            # the one that will generate, and a side thread do the first image's start-up work
-            # (zimage.engine.warm_start).
+            # the one that will generate, does the first image's start-up work (zimage.engine.warm_start).
             vae = load_network(checked["vae"], policy.home("vae", device), vae_dtype, step)
             text_ready: Future = Future()
 
@@ -113,17 +112,13 @@ class Engine:
             with ThreadPoolExecutor(1, thread_name_prefix="zimage-loader") as loader:
                 transformer_ready = loader.submit(read_the_rest)
                 warm = _plan_warm_start(config, device, dtype, policy, checked, tokenizer, vae)
-                try:
-                    if warm is not None:
-                        warm.start()
-                    text_encoder = text_ready.result()
-                    prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens,
-                                            config.prompt_cache_size)
-                    if warm is not None:
-                        warm.with_text_encoder(prompts)
-                finally:
-                    if warm is not None:
-                        warm.finish()
+                if warm is not None:
+                    warm.before_text_encoder()
+                text_encoder = text_ready.result()
+                prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens,
+                                        config.prompt_cache_size)
+                if warm is not None:
+                    warm.with_text_encoder(prompts)
                 transformer = transformer_ready.result()
             if policy.plan.weight_dtype == "fp8":  # the user's lossy choice; quantised where it was loaded
                 from zimage.speed.fp8 import fp8_matmul_supported, quantize_transformer

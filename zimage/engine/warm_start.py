@@ -2,20 +2,24 @@
 
 Reading the text encoder and the 6B transformer takes the longest part of loading, and the GPU computes nothing
 meanwhile: the reads use the copy engines. So once the VAE (the first, smallest network) is on the device, a loader
-thread reads the other two (zimage.engine.engine.Engine.load) while
-- the calling thread, the one that will generate, decodes a zero latent at the first image's size (eager speed only:
-  compile mode replaces the decoder), which pays cuDNN's and cuBLAS's start-up and loads the convolution kernels
-  the first decode uses; then, once the text encoder is in, encodes the prompts the caller already knows (the CLI
-  passes its first ones) into the prompt cache, so the first generate skips the text encoder;
-- a side thread runs one denoising step of a stand-in transformer (eager speed, all-resident plan, when it fits):
-  the same config cut to one block of each kind, zero weights, zero captions of the first prompt's token count,
-  the first image's size. Every kernel the real forward launches (GEMM shapes, attention, norms, RoPE) is then
-  loaded into the process's CUDA context, and the caching allocator holds blocks of the forward's activation sizes.
-Most of that start-up is per process (kernel modules, cuDNN and cuBLAS libraries); the per-thread part (cuBLAS and
-cuDNN handles and workspaces) the generating thread gets from its own decode and encode. Measured on an H200
-(benchmarks/experiments/warm_start_parts.py, 1024x1024): alone, the decoder start-up takes 0.54 s and the stand-in
-step 0.37 s; one after the other on the generating thread they outlasted the reads by 0.2 s (0.5 s from the
-converted cache). Without any of it the first image pays ~0.8 s more (first step 0.45 s against 0.11).
+thread reads the other two (zimage.engine.engine.Engine.load) and the calling thread, the one that will generate,
+- decodes a zero latent at the first image's size (eager speed only: compile mode replaces the decoder), which
+  pays cuDNN's start-up and loads the convolution kernels the first decode uses;
+- runs one denoising step of a stand-in transformer (eager speed, all-resident plan, when it fits): the same
+  config cut to one block of each kind, zero weights, zero captions of the first prompt's token count, the first
+  image's size. Every kernel the real forward launches (GEMM shapes, attention, norms, RoPE) is then loaded and
+  chosen, and the caching allocator holds blocks of the forward's activation sizes;
+- once the text encoder is in, encodes the prompts the caller already knows (the CLI passes its first ones) into
+  the prompt cache, so the first generate skips the text encoder.
+It is the generating thread because part of that start-up is per thread (cuBLAS and cuDNN handles and workspaces):
+done in a side thread, the first image's first step still took 180 ms against 104 ms for the later ones (H200,
+1024x1024; 205 ms with no stand-in step at all). A stand-in step on a side thread beside the decoder start-up (the
+per-thread part then comes from the decoder and the prompt encoding) gained nothing either: with the 16 reading
+threads, each piece took twice as long (stand-in 0.98 s, encoding 0.54 s), and the CLI's time to PNG past the
+import was 3.46 s against 3.35 s (benchmarks/experiments/warm_start_ab.py, 5 interleaved runs each).
+Alone (nothing being read), the decoder start-up takes 0.54 s and the stand-in step 0.37 s; without any of this the
+first image pays ~0.8 s more: first step 0.45 s against 0.11 s, encoding 0.47 s against 0.23 s, decoding 0.33 s
+against 0.09 s (benchmarks/experiments/warm_start_parts.py).
 Results are exactly those of doing the same work later (same modules, same inputs; the stand-in touches no real
 weight). Only for networks wholly on the device: under an offloading plan the memory policy moves weights per phase.
 A failure here (an out-of-memory, say) is logged and dropped: the first generate does the work again and handles it.
@@ -24,7 +28,6 @@ A failure here (an out-of-memory, say) is logged and dropped: the first generate
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
@@ -48,7 +51,6 @@ class WarmStart:
         self.vae = vae  # the loaded VAE decoder, or None for no decoder warm-up
         self.size = size  # (width, height) pixels of the first image
         self.stand_in = stand_in
-        self._side: threading.Thread | None = None  # the stand-in step's thread, from start() to finish()
 
     @classmethod
     def plan(cls, device, prompt_texts=(), vae=None, size=None, stand_in=None) -> "WarmStart | None":
@@ -58,21 +60,12 @@ class WarmStart:
             return None
         return cls(device, tuple(prompt_texts), vae, size, stand_in)
 
-    def start(self) -> None:
-        """The stand-in step on a side thread, then the decoder start-up on this one (neither needs the text
-        encoder). Call finish() afterwards, also when loading fails."""
-        if self.stand_in is not None and self.size is not None:
-            self._side = threading.Thread(target=self._attempt, args=("stand-in step", self._stand_in_step),
-                                          name="zimage-stand-in", daemon=True)
-            self._side.start()
+    def before_text_encoder(self) -> None:
+        """The decoder warm-up and the stand-in step (they need no text encoder)."""
         if self.vae is not None and self.size is not None:
             self._attempt(f"decoder started at {self.size[0]}x{self.size[1]}", self._decoder)
-
-    def finish(self) -> None:
-        """Wait for the stand-in step (its GPU memory is freed before the engine is used)."""
-        if self._side is not None:
-            self._side.join()
-            self._side = None
+        if self.stand_in is not None and self.size is not None:
+            self._attempt("stand-in step", self._stand_in_step)
 
     def with_text_encoder(self, prompts) -> None:
         """Encode the known prompts with `prompts` (zimage.engine.text.PromptEncoder) into its cache."""
