@@ -274,7 +274,7 @@ def spawn(args, kind: str, arg: str, timeout: float, extra_env=None) -> dict:
            "--child-out", str(out), "--started", repr(time.time())]
     t = time.perf_counter()
     try:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**env, **(extra_env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}

@@ -4,6 +4,7 @@ BENCHMARKS.md). The load test has its own end-to-end test in tests/server."""
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,38 @@ def test_profile_script_runs_on_cpu(tiny_folder, tmp_path):
     floor = res["rates"]["floor"]
     assert floor["ms_per_forward"] == floor["skeleton"]["ms_per_forward"] > 0 and floor["sum_of_isolated_ms"] > 0
     assert run["profile"]["vs_floor"]["above_floor_ms"] == run["forward_ms"] - floor["ms_per_forward"]
+
+
+def _bench_memory():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "bench_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_memory_times_real_cli_runs_and_takes_their_medians(tiny_folder, tmp_path):
+    """cli_rows over real `zimage -v generate` processes (the tiny model, small, on the CPU): every run timed to
+    its PNG, import torch read from its timeline, medians over the runs."""
+    bench = _bench_memory()
+    flags = ("--device", "cpu", "--width", "256", "--height", "256", "--steps", "2")
+    rows = bench.cli_rows(str(tiny_folder), str(tmp_path), {"cpu": flags}, 2)
+    row = rows["cpu"]
+    assert "error" not in row, row
+    assert len(row["saved_runs_s"]) == 2 and all(0 < s < 120 for s in row["saved_runs_s"])
+    assert row["saved_s"] == statistics.median(row["saved_runs_s"])
+    assert len(row["import_torch_runs_s"]) == 2 and 0 < row["without_import_s"] < row["saved_s"]
+    assert any("saved " in line for line in row["timeline"]) and row["stderr_tail"]
+    assert not list(tmp_path.glob("*.png"))  # each run's PNG removed after timing
+
+
+def test_bench_memory_child_failure_is_a_record_not_a_crash(tmp_path):
+    """spawn: a child mode that fails (no model there) comes back as {'error': ...} with its wall time."""
+    from types import SimpleNamespace
+
+    bench = _bench_memory()
+    args = SimpleNamespace(out=str(tmp_path), model=str(tmp_path / "no-model"))
+    record = bench.spawn(args, "diffusers", "model_cpu_offload", timeout=120, extra_env={"CUDA_VISIBLE_DEVICES": ""})
+    assert record["error"].startswith("exit ") and record["wall_s"] > 0
+    assert not list(tmp_path.glob(".child-*"))
