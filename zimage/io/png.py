@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from zimage.errors import UsageError, ZImageError
@@ -28,31 +28,18 @@ def save_png(image, path: Path, meta: ImageMetadata, overwrite: bool = False) ->
     if path.exists() and not overwrite:
         raise UsageError(f"{path} exists; pass --overwrite to replace it, or choose another --output", param="output")
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+    tmp = folder / f".{path.name}.{secrets.token_hex(6)}.part"
+    # Created as any new file of the user's (mode 0666 less the umask, applied by the OS): tempfile.mkstemp would
+    # make it private (0600). O_EXCL: never an existing file, nor a symlink planted at that name.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        if hasattr(os, "fchmod"):  # POSIX (Windows has no such modes before Python 3.13)
-            # mkstemp makes the file private (0600); the image gets the mode any new file of the user's would
-            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=png_info(meta))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    """The process's file-creation mask. Linux reports it in /proc; elsewhere it can only be read by setting it."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def encode_png(image, meta: ImageMetadata) -> bytes:
