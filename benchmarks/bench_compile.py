@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import DEFAULT_MODEL_DIR, ensure_full_model, environment, write_json
+from common import DEFAULT_MODEL_DIR, ensure_full_model, environment, package_env, write_json
 
 CHILD = r"""
 import json, sys, time
@@ -38,8 +37,7 @@ print(json.dumps({"import_s": t_import - t0, "load_s": t_load - t_import, "first
 
 
 def child(model: Path, mode: str, cache: str) -> dict:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    env = package_env(TORCHINDUCTOR_CACHE_DIR=cache)
     out = subprocess.run([sys.executable, "-c", CHILD, str(model), mode], env=env, capture_output=True, text=True)
     if out.returncode:
         return {"error": out.stderr[-2000:]}

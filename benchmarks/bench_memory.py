@@ -221,12 +221,13 @@ def cli_run(model: str, out_dir: str, *flags: str, root: Path = HERE.parent) -> 
     png = Path(out_dir) / ".cold-cli.png"
     cmd = [sys.executable, "-m", "zimage", "-v", "generate", "--prompt", PROMPT, "--model", model, "--width", str(W),
            "--height", str(H), "--steps", str(STEPS), "--seed", "1", "--output", str(png), "--overwrite", *flags]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    from common import package_env
+
     png.unlink(missing_ok=True)
     started = time.time()
     t = time.perf_counter()
     # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=root)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=package_env(root), cwd=root)
     wall = time.perf_counter() - t
     if proc.returncode != 0 or not png.is_file():
         return {"error": f"exit {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-4:])}
@@ -272,10 +273,12 @@ def spawn(args, kind: str, arg: str, timeout: float, extra_env=None) -> dict:
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--model", str(args.model), "--child", kind, arg,
            "--child-out", str(out), "--started", repr(time.time())]
+    from common import package_env
+
     t = time.perf_counter()
     try:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**env, **(extra_env or {})})
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=package_env(**(extra_env or {})))
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     record = json.loads(out.read_text()) if out.is_file() else {}

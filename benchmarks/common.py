@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = Path(os.environ.get("ZIMAGE_BENCH_MODEL", "/tmp/zimage-full"))
 PROMPT = ("a photograph of a red fox standing in fresh snow at golden hour, soft light, shallow depth of field, "
           "detailed fur")
@@ -101,6 +102,13 @@ def environment() -> dict:
     else:
         env["device"] = "cpu"
     return env
+
+
+def package_env(root: Path = REPO, **extra: str) -> dict:
+    """os.environ for a child Python that imports zimage from `root` (this checkout, or another one for an A/B),
+    ahead of what PYTHONPATH already holds (a --target install of diffusers on the GPU machine), plus `extra`."""
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def write_json(name: str, data: dict, out_dir: Path) -> Path:

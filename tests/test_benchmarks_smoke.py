@@ -117,6 +117,8 @@ def test_profile_script_runs_on_cpu(tiny_folder, tmp_path):
 def _bench_memory():
     import importlib.util
 
+    if str(ROOT / "benchmarks") not in sys.path:  # its helpers import benchmarks/common.py, as when run as a script
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "bench_memory.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -19,6 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from bench_memory import cli_run  # noqa: E402
+from common import package_env  # noqa: E402
 
 
 def main():
@@ -36,9 +37,8 @@ def main():
     roots = {args.label_other: Path(args.other).resolve(), args.label_this: HERE.parents[1]}
     variants = {"": (), " --converted-cache": ("--converted-cache",)}
     for root in roots.values():  # each arm runs its own package (cli_run's cwd and PYTHONPATH pick it)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-        where = subprocess.run([sys.executable, "-c", "import zimage; print(zimage.__file__)"], cwd=root, env=env,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        where = subprocess.run([sys.executable, "-c", "import zimage; print(zimage.__file__)"], cwd=root,
+                               env=package_env(root), capture_output=True, text=True, check=True).stdout.strip()
         if not Path(where).is_relative_to(root):
             raise SystemExit(f"{root} runs the zimage package at {where}")
     for root in roots.values():  # unmeasured: writes the converted cache, fills the page cache

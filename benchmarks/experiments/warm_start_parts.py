@@ -14,7 +14,8 @@ from pathlib import Path
 
 MODEL = os.environ.get("ZIMAGE_BENCH_MODEL", "/tmp/zimage-full")
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import package_env  # noqa: E402
 PROMPT = "a photograph of a red fox standing in fresh snow at golden hour, soft light, detailed fur"
 
 CHILD = r'''
@@ -90,7 +91,7 @@ print(json.dumps(times))
 def main():
     import torch
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    env = package_env()
     runs = {v: [] for v in ("none", "alone", "during")}
     for _ in range(3):
         for variant in runs:
