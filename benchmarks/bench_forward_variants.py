@@ -20,7 +20,7 @@ def main() -> None:
     from diffusers import ZImageTransformer2DModel
 
     from zimage.models.z_image import ZImageTransformer
-    from zimage.speed.fast_transformer import FastTransformer
+    from zimage.speed.attention import set_attention_backend
     from zimage.speed.fuse import fuse_block
     from zimage.weights.tiny import FULL_TRANSFORMER
 
@@ -39,17 +39,16 @@ def main() -> None:
         ours = ZImageTransformer(dict(model.config)).to("cuda", torch.bfloat16).eval().requires_grad_(False)
         ours.load_state_dict(model.state_dict())  # the same weights in zimage's module tree
         del model
-        fast = FastTransformer(ours)
         for backend in ("native", "cudnn"):
-            fast.set_attention_backend(backend)
-            ctx = fast.prepare([cap], 128, 128)
-            res[f"zimage_unfused_{backend}_ms"] = cuda_ms(lambda: fast.forward(x, t, ctx))
-        for block in fast.blocks():
+            set_attention_backend(ours, backend)
+            ctx = ours.prepare([cap], 128, 128)
+            res[f"zimage_unfused_{backend}_ms"] = cuda_ms(lambda: ours(x, t, ctx))
+        for block in ours.blocks():
             fuse_block(block)
         for backend in ("native", "cudnn"):
-            fast.set_attention_backend(backend)
-            ctx = fast.prepare([cap], 128, 128)
-            res[f"zimage_fused_{backend}_ms"] = cuda_ms(lambda: fast.forward(x, t, ctx))
+            set_attention_backend(ours, backend)
+            ctx = ours.prepare([cap], 128, 128)
+            res[f"zimage_fused_{backend}_ms"] = cuda_ms(lambda: ours(x, t, ctx))
     for k, v in res.items():
         print(k, v)
     print("wrote", write_json("forward_variants", res, args.out))

@@ -125,18 +125,20 @@ def bench_mode(folder: Path, mode: str, args, dims: dict) -> dict:
     import torch
 
     from zimage import Engine, GenerateRequest
+    from zimage.speed.attention import attention_backend
 
     cuda = args.device == "cuda"
     t = time.perf_counter()
     engine = Engine.load(model=str(folder), device=args.device, dtype=args.dtype, speed=mode)
     sync()
-    out = {"load_s": time.perf_counter() - t, "mode": engine.speed, "attention_backend": engine.fast.attention_backend,
+    out = {"load_s": time.perf_counter() - t, "mode": engine.speed,
+           "attention_backend": attention_backend(engine.transformer),
            "dtype": str(engine.dtype).replace("torch.", "")}
     w, h = args.size
     cond, _ = engine.encode([GenerateRequest(prompts=(PROMPT,), width=w, height=h, steps=STEPS, seed=0)])
     c = engine.transformer.config
     with torch.inference_mode():
-        ctx = engine.fast.prepare(cond.positive, h // 8, w // 8)
+        ctx = engine.transformer.prepare(cond.positive, h // 8, w // 8)
         gen = torch.Generator(args.device).manual_seed(0)
         x = torch.randn(1, engine.transformer.in_channels, h // 8, w // 8, device=args.device, generator=gen,
                         dtype=engine.dtype)
@@ -147,7 +149,7 @@ def bench_mode(folder: Path, mode: str, args, dims: dict) -> dict:
                     dtype=engine.dtype)
 
         def forward():
-            return engine.fast.forward(x, t_in, ctx)
+            return engine.transformer(x, t_in, ctx)
 
         t = time.perf_counter()
         forward()

@@ -85,6 +85,7 @@ def bench_zimage(folder: Path, mode: str, repeats: int, sizes: list) -> dict:
     import torch
 
     from zimage import Engine, GenerateRequest
+    from zimage.speed.attention import attention_backend
 
     t = time.perf_counter()
     speed, _, extra = mode.partition("+")  # e.g. "compile+fp8": the lossy fp8 mode (--fp8) on top of compile
@@ -97,7 +98,7 @@ def bench_zimage(folder: Path, mode: str, repeats: int, sizes: list) -> dict:
         return GenerateRequest(prompts=(prompt_variant(i if seed is None else 0),), width=w, height=h, steps=STEPS,
                                n=batch, seed=i if seed is None else seed)
 
-    out = {"load_s": load_s, "mode": engine.speed, "attention": engine.fast.attention_backend}
+    out = {"load_s": load_s, "mode": engine.speed, "attention": attention_backend(engine.transformer)}
     t = time.perf_counter()
     engine.generate(req(*MAIN))  # warm-up: compiles in compile mode
     sync()
@@ -111,10 +112,10 @@ def bench_zimage(folder: Path, mode: str, repeats: int, sizes: list) -> dict:
     r = req(*MAIN)
     cond, _ = engine.encode([r])
     with torch.inference_mode():
-        ctx = engine.fast.prepare(cond.positive, MAIN[1] // 8, MAIN[0] // 8)
+        ctx = engine.transformer.prepare(cond.positive, MAIN[1] // 8, MAIN[0] // 8)
         x = torch.randn(1, 16, MAIN[1] // 8, MAIN[0] // 8, device=device(), dtype=engine.dtype)
         t_in = torch.full((1,), 0.5, device=device())
-        out["main"]["forward_ms"] = cuda_ms(lambda: engine.fast.forward(x, t_in, ctx))
+        out["main"]["forward_ms"] = cuda_ms(lambda: engine.transformer(x, t_in, ctx))
     for w, h in sizes:
         t = time.perf_counter()
         engine.generate(req(w, h))
@@ -126,7 +127,7 @@ def bench_zimage(folder: Path, mode: str, repeats: int, sizes: list) -> dict:
     out["batch4"] = {"s_per_batch": med, "images_per_s": 4 / med, "all_s": all_s}
     r = req(*MAIN, seed=0)
     cond, _ = engine.encode([r])
-    out["latents"], _ = engine.denoise(cond, r.image_seeds(), r)
+    out["latents"], _ = engine.denoise(cond, engine.noise(r.image_seeds(), r), r)
     del engine
     return out
 

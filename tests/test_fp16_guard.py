@@ -123,14 +123,14 @@ def test_fp16_engine_with_overflowing_weights_still_gives_finite_latents(fp16_en
     req = GenerateRequest(prompts=("a cat",), width=256, height=256, steps=2, seed=1)
     cond, _ = fp16_engine.encode([req])
     blow_up_ffn(fp16_engine.transformer)
-    latents, _ = fp16_engine.denoise(cond, req.image_seeds(), req)
+    latents, _ = fp16_engine.denoise(cond, fp16_engine.noise(req.image_seeds(), req), req)
     assert torch.isfinite(latents).all()
     for b in blocks(fp16_engine.transformer):  # take the guard off
         b.attention._forward_hooks.clear()
         b.feed_forward._forward_hooks.clear()
         b.feed_forward.w2._forward_pre_hooks.clear()
     with pytest.raises(NonFiniteOutputError, match="NaN/inf"):
-        fp16_engine.denoise(cond, req.image_seeds(), req)
+        fp16_engine.denoise(cond, fp16_engine.noise(req.image_seeds(), req), req)
 
 
 def test_nan_latents_raise_instead_of_an_image(engine, monkeypatch):
@@ -152,3 +152,12 @@ def test_cli_writes_no_file_for_nan_latents(monkeypatch, tmp_path, capsys):
     assert rc == 1
     assert "zimage: error: the transformer produced NaN/inf" in err and "--dtype" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_guard_installs_once_per_module():
+    """The engine installs the guard after every placement: a second call adds no hook (a doubled clamp is harmless
+    but every hook costs a launch per block)."""
+    m = tiny_fp16_transformer()
+    assert install_fp16_guard(m) == 12
+    assert install_fp16_guard(m) == 0
+    assert sum(len(b.attention._forward_hooks) for b in blocks(m)) == len(blocks(m))

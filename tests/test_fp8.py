@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from zimage.memory.sizes import _FP8_SKIP, network_sizes
+from zimage.memory.sizes import network_sizes
+from zimage.models.tensor_names import FP8_KEEP as PLANNED_KEEP
 from zimage.models.z_image import ZImageTransformer
-from zimage.speed.fast_transformer import FastTransformer
 from zimage.speed.fp8 import (FP8, FP8_KEEP, FP8_MAX, FP8Linear, _quantize_rows, fp8_matmul_supported, fp8_names,
                               quantize_transformer)
 from zimage.speed.fuse import fuse_block
@@ -38,12 +38,11 @@ def tiny_model(dtype=BF16, seed=0):
 
 
 def run_tiny(model, dtype=BF16):
-    fast = FastTransformer(model)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, 12, 10, generator=g).to(dtype)
     caps = [torch.randn(n, TINY_TRANSFORMER["cap_feat_dim"], generator=g).to(dtype) for n in (7, 7)]
     with torch.no_grad():
-        return fast.forward(x, torch.tensor([0.3, 0.8]), fast.prepare(caps, 12, 10)).float()
+        return model(x, torch.tensor([0.3, 0.8]), model.prepare(caps, 12, 10)).float()
 
 
 def linear(n_in=512, n_out=256, bias=True, seed=0):
@@ -269,8 +268,8 @@ def test_quantized_names_equal_sizes_fp8_accounting(config):
     matmul=True too: every dimension there is a multiple of 16)."""
     with torch.device("meta"):
         model = ZImageTransformer(config)
-    counted = {k for k, v in model.state_dict().items() if v.dim() >= 2 and not _FP8_SKIP.search(k)}
-    assert FP8_KEEP is _FP8_SKIP
+    counted = {k for k, v in model.state_dict().items() if v.dim() >= 2 and not PLANNED_KEEP.search(k)}
+    assert FP8_KEEP is PLANNED_KEEP
     assert {f"{n}.weight" for n in fp8_names(model)} == counted
     if config is FULL_TRANSFORMER:
         assert fp8_names(model, matmul=True) == fp8_names(model)
@@ -312,7 +311,7 @@ def test_engine_with_fp8_quantises_the_transformer_plans_for_it_and_says_so(tiny
 
     def latents(engine):
         cond, _ = engine.encode([request])
-        return engine.denoise(cond, request.image_seeds(), request)[0]
+        return engine.denoise(cond, engine.noise(request.image_seeds(), request), request)[0]
 
     a, b = latents(plain), latents(fp8)
     rel = ((a - b).norm() / a.norm()).item()

@@ -32,7 +32,7 @@ def _reference(pipe, req: GenerateRequest, output_type: str):
 def _engine_latents(engine, req: GenerateRequest):
     cond, warnings = engine.encode([req])
     assert warnings == []
-    latents, index = engine.denoise(cond, req.image_seeds(), req)
+    latents, index = engine.denoise(cond, engine.noise(req.image_seeds(), req), req)
     assert index == list(range(req.num_images))
     return latents
 

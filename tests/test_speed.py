@@ -11,9 +11,9 @@ import torch
 from zimage.errors import UsageError
 from zimage.request import GenerateRequest
 from zimage.speed import apply as speed_apply
-from zimage.speed.apply import COMPILE_BREAK_EVEN_IMAGES, resolve_speed
+from zimage.speed.modes import COMPILE_BREAK_EVEN_IMAGES, resolve_speed
 from zimage.models.z_image import CUDNN, NATIVE, apply_rope
-from zimage.speed.attention import choose_attention_backend
+from zimage.speed.attention import attention_backend, choose_attention_backend
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 REQ = GenerateRequest(prompts=("a lighthouse at dusk",), width=256, height=256, steps=2, seed=11)
@@ -61,7 +61,7 @@ def test_real_rope_equals_complex_rope(monkeypatch):
 
 def _latents(engine, request=REQ):
     cond, _ = engine.encode([request])
-    latents, _ = engine.denoise(cond, request.image_seeds(), request)
+    latents, _ = engine.denoise(cond, engine.noise(request.image_seeds(), request), request)
     return latents
 
 
@@ -71,7 +71,7 @@ def test_fused_projections_give_the_same_latents(tiny_folder):
 
     engine = Engine.load(model=str(tiny_folder), speed="eager")
     before = _latents(engine)
-    for block in engine.fast.blocks():
+    for block in engine.transformer.blocks():
         fuse_block(block)
     block = engine.transformer.layers[0]
     assert isinstance(block.feed_forward, FusedSwiGLU) and not hasattr(block.attention, "to_q")
@@ -90,7 +90,7 @@ def test_compile_mode_runs_and_matches_eager(tiny_folder):
     eager = Engine.load(model=str(tiny_folder), device="cpu", speed="eager")
     compiled = Engine.load(model=str(tiny_folder), device="cpu", speed="compile")
     assert (eager.speed, compiled.speed) == ("eager", "compile")
-    assert compiled.fast.attention_backend == choose_attention_backend(CPU)
+    assert attention_backend(compiled.transformer) == choose_attention_backend(CPU)
     assert hasattr(compiled.transformer.layers[0].attention, "to_qkv")  # compiled mode fuses
     torch.testing.assert_close(_latents(compiled), _latents(eager), rtol=0, atol=1e-4)
 
@@ -100,9 +100,9 @@ def test_compile_is_refused_for_streamed_blocks(tiny_folder, caplog):
     from zimage.engine.engine import Engine
 
     engine = Engine.load(model=str(tiny_folder), speed="eager")
-    engine.policy.plan = type("Plan", (), {"kind": "stream", "transformer_streamed": 3})()
+    plan = type("Plan", (), {"kind": "stream", "transformer_streamed": 3})()
     with caplog.at_level(logging.WARNING, logger="zimage"):
-        assert speed_apply.apply_speed(engine, "compile") == "eager"
+        assert speed_apply.apply_speed(engine.parts, "compile", plan).mode == "eager"
     assert "not combined with streamed transformer blocks" in caplog.text
 
 
@@ -112,6 +112,6 @@ def test_compile_is_kept_when_the_whole_transformer_is_resident(tiny_folder, mon
     from zimage.engine.engine import Engine
 
     engine = Engine.load(model=str(tiny_folder), speed="eager")
-    engine.policy.plan = type("Plan", (), {"kind": kind, "transformer_streamed": 0, "weight_dtype": "bf16"})()
-    monkeypatch.setattr(speed_apply, "compile_blocks", lambda e: None)  # the choice is under test, not inductor
-    assert speed_apply.apply_speed(engine, "compile") == "compile"
+    plan = type("Plan", (), {"kind": kind, "transformer_streamed": 0, "weight_dtype": "bf16"})()
+    monkeypatch.setattr(speed_apply, "compile_blocks", lambda *a: None)  # the choice is under test, not inductor
+    assert speed_apply.apply_speed(engine.parts, "compile", plan).mode == "compile"

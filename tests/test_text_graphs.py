@@ -9,7 +9,6 @@ import contextlib
 import pytest
 import torch
 
-from zimage.memory.oom import switch_plan
 from zimage.memory.planner import make_plan
 from zimage.models.qwen3 import Qwen3TextEncoder
 from zimage.speed import apply as speed_apply
@@ -18,7 +17,6 @@ from zimage.speed.text_graphs import (
     GraphedTextEncoder,
     _Graph,
     bucket_for,
-    install_text_graphs,
     length_buckets,
     use_text_graphs,
 )
@@ -204,37 +202,43 @@ def own_engine(tiny_folder):
 
 def test_eager_mode_leaves_the_plain_encoder(own_engine):
     assert own_engine.prompts.text_encoder is own_engine.text_encoder  # as loaded
-    speed_apply.apply_speed(own_engine, "eager")
-    assert own_engine.prompts.text_encoder is own_engine.text_encoder
+    setup = speed_apply.apply_speed(own_engine.parts, "eager", own_engine.policy.plan)
+    assert setup.text_encoder is own_engine.text_encoder
 
 
 def test_compile_mode_on_cpu_keeps_the_plain_encoder(own_engine, monkeypatch):
-    monkeypatch.setattr(speed_apply, "compile_blocks", lambda e: None)  # the choice is under test, not inductor
-    assert speed_apply.apply_speed(own_engine, "compile") == "compile"
-    assert own_engine.prompts.text_encoder is own_engine.text_encoder
-    speed_apply.apply_speed(own_engine, "eager")  # back (unfuses nothing, but the backend is eager's again)
+    monkeypatch.setattr(speed_apply, "compile_blocks", lambda *a: None)  # the choice is under test, not inductor
+    setup = speed_apply.apply_speed(own_engine.parts, "compile", own_engine.policy.plan)
+    assert setup.mode == "compile" and setup.text_encoder is own_engine.text_encoder
+    speed_apply.apply_speed(own_engine.parts, "eager", own_engine.policy.plan)  # back (fusion stays: same outputs)
 
 
-def test_install_and_replanning(own_engine, monkeypatch):
-    """Where graphs are allowed, compile wraps engine.prompts only; a plan switch drops the graphs, and re-wraps
-    fresh only under a plan that keeps the text encoder whole on the device; eager mode unwraps."""
+def test_every_placement_gets_fresh_graphs_or_none(own_engine, monkeypatch):
+    """Where graphs are allowed, compile wraps the prompt encoder's text encoder only; each placement drops the old
+    graphs and wraps fresh only under a plan that keeps the text encoder whole on the device; eager mode unwraps."""
+    from dataclasses import replace
+
     monkeypatch.setattr(text_graphs, "use_text_graphs", lambda device, plan, enc: not plan.text_offloaded)
+    monkeypatch.setattr(speed_apply, "compile_blocks", lambda *a: None)
     plain = own_engine.text_encoder
-    monkeypatch.setattr(own_engine, "speed", "compile")
-    assert install_text_graphs(own_engine, True)
-    first = own_engine.prompts.text_encoder
-    assert isinstance(first, GraphedTextEncoder) and first.encoder is plain and own_engine.text_encoder is plain
-    assert first.buckets[-1] == own_engine.prompts.max_tokens
-    s = own_engine.policy.sizes
+    s = own_engine.sizes
     layers = len(s.text_encoder.blocks)
+    resident = make_plan(s, 2**30, 256, 256, 1, 0, layers, False, False, False)
+    eager_config = own_engine.config
     try:
-        switch_plan(own_engine, make_plan(s, 2**30, 256, 256, 1, 0, 0, True, False, False))  # text offloaded
+        own_engine.config = replace(eager_config, speed="compile")
+        own_engine.place(resident)
+        first = own_engine.prompts.text_encoder
+        assert isinstance(first, GraphedTextEncoder) and first.encoder is plain and own_engine.text_encoder is plain
+        assert first.buckets[-1] == own_engine.prompts.max_tokens
+        own_engine.place(make_plan(s, 2**30, 256, 256, 1, 0, 0, True, False, False))  # text offloaded
         assert own_engine.prompts.text_encoder is plain
-        switch_plan(own_engine, make_plan(s, 2**30, 256, 256, 1, 0, layers, False, False, False))  # resident
+        own_engine.place(resident)
         again = own_engine.prompts.text_encoder
         assert isinstance(again, GraphedTextEncoder) and again is not first and again.graphs == {}
-        speed_apply.apply_speed(own_engine, "eager")
+        own_engine.config = eager_config
+        own_engine.place(resident)
         assert own_engine.prompts.text_encoder is plain
     finally:
-        own_engine.prompts.text_encoder = plain
-        switch_plan(own_engine, make_plan(s, 2**30, 256, 256, 1, 0, layers, False, False, False))
+        own_engine.config = eager_config
+        own_engine.place(resident)

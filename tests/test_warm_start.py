@@ -7,7 +7,7 @@ import logging
 import torch
 
 from zimage.engine import warm_start
-from zimage.engine.device import on_device
+from zimage.memory.policy import on_device
 from zimage.engine.config import EngineConfig
 from zimage.engine.engine import Engine
 from zimage.request import GenerateRequest
@@ -100,14 +100,13 @@ def test_the_stand_in_is_the_transformer_cut_to_one_block_of_each_kind_with_zero
 
 def test_the_stand_in_fits_only_the_resident_plan_with_room_for_it(tiny_folder, engine):
     from dataclasses import replace
-    from types import SimpleNamespace
 
     config = _transformer_config(tiny_folder)
     need = warm_start.stand_in_bytes(config, torch.bfloat16)
     tokenizer = engine.prompts.tokenizer
 
     def spec(plan, texts=("a fox",)):
-        return warm_start.stand_in_for(SimpleNamespace(plan=plan), config, torch.bfloat16, tokenizer, texts, 512)
+        return warm_start.stand_in_for(plan, config, torch.bfloat16, tokenizer, texts, 512)
 
     resident = replace(engine.policy.plan, budget_bytes=10 * need, peak_bytes=9 * need)
     assert resident.kind == "resident"
@@ -118,21 +117,21 @@ def test_the_stand_in_fits_only_the_resident_plan_with_room_for_it(tiny_folder, 
     assert spec(replace(resident, transformer_streamed=1)) is None
     assert spec(replace(resident, weight_dtype="fp8")) is None
     long = "fox " * 600
-    assert warm_start.stand_in_for(SimpleNamespace(plan=resident), config, torch.bfloat16, tokenizer, (long,),
+    assert warm_start.stand_in_for(resident, config, torch.bfloat16, tokenizer, (long,),
                                    64).caption_tokens == 64  # as many tokens as the encoder reads
 
 
 def test_the_stand_in_step_runs_the_first_image_shapes_and_leaves_the_image_unchanged(tiny_folder, monkeypatch):
-    from zimage.speed.fast_transformer import FastTransformer
+    from zimage.models.z_image import ZImageTransformer
 
     calls = []
-    real_forward = FastTransformer.forward
+    real_forward = ZImageTransformer.forward
 
     def spy(self, x, t, ctx):
-        calls.append((len(self.model.layers), tuple(x.shape), ctx.n_tokens, ctx.cap.shape[1]))
+        calls.append((len(self.layers), tuple(x.shape), ctx.n_tokens, ctx.cap.shape[1]))
         return real_forward(self, x, t, ctx)
 
-    monkeypatch.setattr(FastTransformer, "forward", spy)
+    monkeypatch.setattr(ZImageTransformer, "forward", spy)
     cfg = EngineConfig(model=str(tiny_folder), device="cpu", dtype="fp32", speed="eager")
     loaded = Engine.load(cfg)
     ref = loaded.generate(_request()).images[0].image

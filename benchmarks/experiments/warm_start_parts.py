@@ -29,7 +29,6 @@ from zimage.weights.load import load_network, prepare_reads
 from zimage.engine.warm_start import WarmStart, StandIn, stand_in_transformer
 from zimage.engine.text import PromptEncoder
 from zimage.models.tokenizer import PromptTokenizer
-from zimage.speed.fast_transformer import FastTransformer
 
 dev, dt = torch.device("cuda"), torch.bfloat16
 prepare_reads(dev)
@@ -55,21 +54,20 @@ else:
 t_warm = time.perf_counter()
 cfg = checked["transformer"].network.config
 tokens = tok.count_tokens(tok.template(prompt))
-def step(fast, caption):
+def step(model, caption):
     with torch.inference_mode():
-        ctx = fast.prepare([caption], 128, 128)
+        ctx = model.prepare([caption], 128, 128)
         x = torch.zeros(1, 16, 128, 128, dtype=dt, device=dev)
-        fast.forward(x, torch.full((1,), 0.5, device=dev), ctx)
+        model(x, torch.full((1,), 0.5, device=dev), ctx)
 if variant != "none":
     warm = WarmStart(dev, (prompt,), vae, (1024, 1024), StandIn(cfg, dt, tokens))
     timed("decoder_1", warm._decoder)
     timed("decoder_2", warm._decoder)
     stand = timed("standin_build", lambda: stand_in_transformer(cfg, dev, dt))
-    fast = FastTransformer(stand)
     cap = torch.zeros(tokens, cfg["cap_feat_dim"], dtype=dt, device=dev)
-    timed("standin_step_1", lambda: step(fast, cap))
-    timed("standin_step_2", lambda: step(fast, cap))
-    del stand, fast
+    timed("standin_step_1", lambda: step(stand, cap))
+    timed("standin_step_2", lambda: step(stand, cap))
+    del stand
 times["warm_work_s"] = round(time.perf_counter() - t_warm, 4)
 th.join() if variant == "during" else None
 if "reads_end" in box:
@@ -79,7 +77,7 @@ prompts = PromptEncoder(tok, box["te"], dev)
 emb = timed("encode_1", lambda: prompts.encode([prompt]))[0]
 prompts._cache.clear()
 timed("encode_2", lambda: prompts.encode([prompt]))
-real = FastTransformer(box["tr"])
+real = box["tr"]
 for i in (1, 2, 3):
     timed(f"real_step_{i}", lambda: step(real, emb))
 timed("decode_real_1", lambda: WarmStart(dev, (), vae, (1024, 1024))._decoder())

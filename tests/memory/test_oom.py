@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from zimage.memory.oom import OutOfMemory, leaner_plan, switch_plan
+from zimage.memory.oom import OutOfMemory, leaner_plan
 from zimage.memory.planner import make_plan
 from zimage.request import GenerateRequest
 
@@ -16,10 +16,10 @@ REQ = GenerateRequest(prompts=("a lighthouse at night",), width=256, height=256,
 
 @pytest.fixture
 def resident(own_engine):
-    s = own_engine.policy.sizes
-    switch_plan(own_engine, make_plan(s, 2**30, 256, 256, 1, 0, len(s.text_encoder.blocks), False, False, False))
+    s = own_engine.sizes
+    own_engine.place(make_plan(s, 2**30, 256, 256, 1, 0, len(s.text_encoder.blocks), False, False, False))
     yield own_engine
-    switch_plan(own_engine, make_plan(s, 2**30, 256, 256, 1, 0, len(s.text_encoder.blocks), False, False, False))
+    own_engine.place(make_plan(s, 2**30, 256, 256, 1, 0, len(s.text_encoder.blocks), False, False, False))
 
 
 def fail(monkeypatch, engine, times):
@@ -61,16 +61,16 @@ def test_oom_twice_is_a_clear_error_and_the_engine_stays_usable(resident, monkey
 
 
 def test_no_leaner_plan_under_the_leanest(own_engine, monkeypatch):
-    s = own_engine.policy.sizes
+    s = own_engine.sizes
     leanest = make_plan(s, 2**30, 256, 256, 1, len(s.transformer.blocks), 0, True, True, False)
     assert leaner_plan(leanest, s, 256, 256, 1) is None
-    switch_plan(own_engine, leanest)
+    own_engine.place(leanest)
     fail(monkeypatch, own_engine, 1)
     try:
         with pytest.raises(OutOfMemory, match="leanest plan"):
             own_engine.generate(REQ)
     finally:
-        switch_plan(own_engine, make_plan(s, 2**30, 256, 256, 1, 0, len(s.text_encoder.blocks), False, False, False))
+        own_engine.place(make_plan(s, 2**30, 256, 256, 1, 0, len(s.text_encoder.blocks), False, False, False))
 
 
 def test_other_errors_pass_through(resident, monkeypatch):
@@ -105,3 +105,37 @@ def test_a_real_cuda_oom_under_a_cap_is_a_clear_error_frees_what_it_took_and_lea
         torch.cuda.set_per_process_memory_fraction(1.0)
     got = engine.generate(req).images[0].image  # under the leaner plan it fell back to (maybe a tiled decode)
     assert got.size == expected.size == (1024, 1024)
+
+
+def test_a_compiled_engine_falls_back_to_a_streamed_plan_and_generates_eager(tiny_folder, caplog):
+    """Compile and streamed blocks do not mix (the streamer's weight-swapping hooks would be traced into the block
+    graphs): the OOM fallback goes through Engine.place, which re-applies speed for the new plan, so the compiled
+    blocks run eager again under the streamed plan, and the image is the one the compiled engine made."""
+    from zimage.engine.config import EngineConfig
+    from zimage.engine.engine import Engine
+    from zimage.speed.apply import is_compiled
+
+    engine = Engine.load(EngineConfig(model=str(tiny_folder), device="cpu", dtype="fp32", speed="compile"))
+    s = engine.sizes
+    # Text encoder wholly streamed and a tiled decode: the only leaner plan left streams transformer blocks.
+    engine.place(make_plan(s, 2**30, 256, 256, 1, 0, 0, True, True, False))
+    assert engine.speed == "compile" and all(is_compiled(b) for b in engine.transformer.blocks())
+    expected = engine.generate(REQ).images[0].image
+    calls = {"n": 0}
+    real = engine.prompts.encode
+
+    def oom_once(prompts):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(prompts)
+
+    engine.prompts.clear_cache()
+    engine.prompts.encode = oom_once
+    with caplog.at_level(logging.WARNING, logger="zimage"):
+        result = engine.generate(REQ)
+    assert engine.policy.plan.transformer_streamed > 0
+    assert engine.speed == "eager" and not any(is_compiled(b) for b in engine.transformer.blocks())
+    assert "not combined with streamed transformer blocks" in caplog.text
+    got = result.images[0].image
+    assert max(abs(a - b) for a, b in zip(got.tobytes(), expected.tobytes())) <= 1

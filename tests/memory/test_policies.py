@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zimage.memory.oom import switch_plan
 from zimage.memory.planner import make_plan
 from zimage.request import GenerateRequest
 
@@ -19,12 +18,12 @@ REQ = GenerateRequest(prompts=("a red fox in the snow",), width=256, height=256,
 
 def latents(engine, request=REQ):
     cond, _ = engine.encode([request])
-    out, _ = engine.denoise(cond, list(request.image_seeds()), request)
+    out, _ = engine.denoise(cond, engine.noise(request.image_seeds(), request), request)
     return out
 
 
 def plan(engine, streamed, text_resident, offloaded=True, tiled=False):
-    s = engine.policy.sizes
+    s = engine.sizes
     return make_plan(s, 2**30, 256, 256, 1, streamed, text_resident, offloaded, tiled, False)
 
 
@@ -37,7 +36,7 @@ def reference(own_engine):
 @pytest.mark.parametrize("streamed,text_resident,tiled", [(0, 1, False), (1, 1, False), (2, 0, True), (1, 2, False)])
 def test_plans_give_resident_latents(own_engine, reference, streamed, text_resident, tiled):
     own_engine.prompts.clear_cache()
-    switch_plan(own_engine, plan(own_engine, streamed, text_resident, tiled=tiled))
+    own_engine.place(plan(own_engine, streamed, text_resident, tiled=tiled))
     policy = own_engine.policy
     assert policy.plan.transformer_streamed == streamed
     out = latents(own_engine)
@@ -51,39 +50,42 @@ def test_plans_give_resident_latents(own_engine, reference, streamed, text_resid
     te_bytes = sum(p.nbytes for p in policy.text_streamer.packed.values()) if policy.text_streamer else 0
     assert policy.bytes_moved() >= tr_bytes * REQ.steps + te_bytes
     assert len(policy.plan.streamed_text_layers()) == len(layers) - text_resident
-    switch_plan(own_engine, plan(own_engine, 0, len(layers), offloaded=False))  # back to resident
+    own_engine.place(plan(own_engine, 0, len(layers), offloaded=False))  # back to resident
 
 
 def test_cached_prompt_moves_no_text_bytes(own_engine, reference):
     own_engine.prompts.clear_cache()
-    switch_plan(own_engine, plan(own_engine, 0, 0))
+    own_engine.place(plan(own_engine, 0, 0))
     latents(own_engine)  # encodes: every text layer streamed in
     moved = own_engine.policy.bytes_moved()
     assert moved > 0 and own_engine.prompts.cached(REQ.prompts[0])
     torch.testing.assert_close(latents(own_engine), reference, rtol=0, atol=1e-6)
     assert own_engine.policy.bytes_moved() == moved  # repeated prompt: the text encoder was not run
     assert own_engine.text_encoder.embed_tokens.weight.device.type == "cpu"
-    switch_plan(own_engine, plan(own_engine, 0, 2, offloaded=False))
+    own_engine.place(plan(own_engine, 0, 2, offloaded=False))
 
 
 def test_streamed_image_and_tiled_decode(own_engine):
-    switch_plan(own_engine, plan(own_engine, 0, 2, offloaded=False))
+    own_engine.place(plan(own_engine, 0, 2, offloaded=False))
     ref = own_engine.generate(REQ).images[0].image
-    switch_plan(own_engine, plan(own_engine, 2, 0, tiled=True))
+    own_engine.place(plan(own_engine, 2, 0, tiled=True))
     assert own_engine.policy.tiled_decode and own_engine.vae.tile_sample_min_size == 512
     got = own_engine.generate(REQ).images[0].image
     diff = max(abs(a - b) for a, b in zip(got.tobytes(), ref.tobytes()))
     assert diff <= 1  # uint8 pixels: at most one rounding step apart
     assert "stream" in own_engine.describe()["memory_plan"]
-    switch_plan(own_engine, plan(own_engine, 0, 2, offloaded=False))
+    own_engine.place(plan(own_engine, 0, 2, offloaded=False))
 
 
-def test_select_policy_on_cpu_is_resident(tiny_folder):
+def test_the_engines_plan_on_cpu_is_resident_whatever_the_budget(tiny_folder):
+    """A budget names GPU memory: on a CPU the engine keeps everything resident (home: the CPU itself)."""
+    from zimage.engine.build import model_sizes_of, plan_memory, resolve_target
     from zimage.engine.config import EngineConfig
-    from zimage.memory.select import select_policy
+    from zimage.memory.planned import home
     from zimage.weights.check import check_model_folder
 
-    checked = check_model_folder(tiny_folder)
-    policy = select_policy(EngineConfig(vram_budget_gib=0.001), torch.device("cpu"), torch.float32, checked)
-    assert policy.plan.kind == "resident" and policy.home("transformer", "cpu") == "cpu"
-    assert "predicted peak" in policy.describe()
+    config = EngineConfig(vram_budget_gib=0.001, device="cpu")
+    target = resolve_target(config)
+    plan = plan_memory(config, target, model_sizes_of(check_model_folder(tiny_folder), target, config))
+    assert plan.kind == "resident" and home(plan, "transformer", target.device) == target.device
+    assert "predicted peak" in plan.describe()

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from zimage.models.z_image import NATIVE, ZImageTransformer
-from zimage.speed.fast_transformer import FastTransformer
 from zimage.weights.tiny import TINY_TRANSFORMER
 
 
@@ -50,14 +49,15 @@ def test_rope_table_equals_diffusers():
 @pytest.mark.parametrize("lengths", [(7, 7), (5, 40)])  # equal caption lengths (no mask) and a padded batch
 def test_forward_equals_diffusers(lengths):
     ref = reference()
-    fast = FastTransformer(ours_from(ref), NATIVE)  # CUDNN is a CUDA kernel: chosen only on Hopper GPUs
+    model = ours_from(ref)
+    assert {b.attention.backend for b in model.blocks()} == {NATIVE}  # CUDNN (a CUDA kernel) only on Hopper
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, 12, 10, generator=g)  # (B, C, h, w): 30 tokens, padded to 32
     t = torch.tensor([0.3, 0.8])
     caps = [torch.randn(n, TINY_TRANSFORMER["cap_feat_dim"], generator=g) for n in lengths]
     with torch.no_grad():
         want = torch.stack(ref(list(x.unsqueeze(2)), t, caps, return_dict=False)[0]).squeeze(2)
-        got = fast.forward(x, t, fast.prepare(caps, 12, 10))
+        got = model(x, t, model.prepare(caps, 12, 10))
     assert want.abs().max() > 0.1  # a real output, not zeros
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
@@ -69,7 +69,7 @@ def test_bf16_forward_is_as_close_to_fp32_as_diffusers_bf16(seed):
     0.014 relative L2 here, and ~0.010 between the two bf16 outputs)."""
     ref32 = reference()
     ref = reference().to(torch.bfloat16)
-    fast = FastTransformer(ours_from(ref32).to(torch.bfloat16))
+    model = ours_from(ref32).to(torch.bfloat16)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 16, 8, 8, generator=g)
     caps = [torch.randn(9, TINY_TRANSFORMER["cap_feat_dim"], generator=g)]
@@ -78,7 +78,7 @@ def test_bf16_forward_is_as_close_to_fp32_as_diffusers_bf16(seed):
         truth = torch.stack(ref32(list(x.unsqueeze(2)), t, caps, return_dict=False)[0]).squeeze(2)
         theirs = torch.stack(ref(list(x.bfloat16().unsqueeze(2)), t, [c.bfloat16() for c in caps],
                                  return_dict=False)[0]).squeeze(2).float()
-        ours = fast.forward(x.bfloat16(), t, fast.prepare([c.bfloat16() for c in caps], 8, 8)).float()
+        ours = model(x.bfloat16(), t, model.prepare([c.bfloat16() for c in caps], 8, 8)).float()
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()

@@ -14,7 +14,9 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from zimage.engine.device import dtype_name, resolve_device, resolve_dtype
+    from zimage.cli.common import engine_config
+    from zimage.engine.build import model_sizes_of, plan_memory, resolve_target
+    from zimage.engine.device import dtype_name
     from zimage.errors import ZImageError
     from zimage.version import __version__
     from zimage.weights.check import check_model_folder
@@ -29,9 +31,9 @@ def run(args) -> int:
             print(f"  cuda:{i} {name}: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, bf16 {'yes' if bf16 else 'no'}")
     else:
         print("  no CUDA GPU visible")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    print(f"would run on {device} in {dtype_name(dtype)}")
+    config = engine_config(args, show_progress=False)
+    target = resolve_target(config)
+    print(f"would run on {target.device} in {dtype_name(target.dtype)}")
     try:
         loc = locate_model(args.model)
     except ZImageError as e:
@@ -41,7 +43,6 @@ def run(args) -> int:
     checked = check_model_folder(loc.path)
     for name, c in checked.items():
         print(f"  {name}: {len(c.tensors)} tensors, {c.nbytes / 2**30:.2f} GiB on disk (used part)")
-    from zimage.memory.select import describe_plan
-
-    print(describe_plan(args, device, dtype, checked))
+    plan = plan_memory(config, target, model_sizes_of(checked, target, config))
+    print(f"memory plan: {plan.describe()}")
     return 0

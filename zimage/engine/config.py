@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zimage.memory.select import check_budget
+from zimage.speed.modes import SPEED_CHOICES
 from zimage.weights.layout import DEFAULT_MODEL_ID
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" is accepted too
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
-SPEED_CHOICES = ("auto", "eager", "compile")
+__all__ = ["DEVICE_CHOICES", "DTYPE_CHOICES", "SPEED_CHOICES", "EngineConfig"]
 
 
 @dataclass(frozen=True)
@@ -30,3 +32,14 @@ class EngineConfig:
     warm_size: tuple[int, int] | None = None  # (width, height) of the first image: the VAE decoder starts up at it
     # while the transformer loads (eager speed)
     show_progress: bool = False  # tqdm bars for loading and steps (the CLI turns them on)
+
+    def __post_init__(self):
+        """Values that can be checked without a device are checked here, before anything loads."""
+        from zimage.errors import UsageError
+
+        if self.speed not in SPEED_CHOICES:
+            raise UsageError(f"unknown speed mode {self.speed!r}; choose one of {', '.join(SPEED_CHOICES)}",
+                             param="speed")
+        if self.dtype not in DTYPE_CHOICES:
+            raise UsageError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}", param="dtype")
+        check_budget(self.vram_budget_gib)

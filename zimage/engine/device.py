@@ -50,12 +50,6 @@ def resolve_dtype(name: str, device):
     return dtype
 
 
-def on_device(module, device) -> bool:
-    """Every parameter of `module` on `device` (a torch.device; an unindexed one means index 0, where torch puts it)."""
-    return all(p.device.type == device.type and (p.device.index or 0) == (device.index or 0)
-               for p in module.parameters())
-
-
 def dtype_name(dtype) -> str:
     import torch
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from zimage.engine.config import EngineConfig
+from zimage.engine.progress import progress_bar
 from zimage.engine.result import GeneratedImage, GenerateResult, Progress
 from zimage.errors import GenerationCancelled, NonFiniteOutputError
 from zimage.io.metadata import ImageMetadata
@@ -30,112 +31,75 @@ class Conditioning:
 
 
 class Engine:
-    def __init__(self, config, location, device, dtype, prompts, scheduler, transformer, text_encoder, vae, policy):
-        from zimage.speed.fast_transformer import FastTransformer
+    """A loaded model: `Engine.load(config)` builds one (zimage.engine.build), `generate` runs it."""
 
+    def __init__(self, config: EngineConfig, location, target, networks, sizes):
         self.config = config
         self.location = location  # zimage.weights.locate.ModelLocation
-        self.device = device
-        self.dtype = dtype
-        self.scheduler = scheduler
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-        self.vae = vae
-        self.policy = policy
-        self.prompts = prompts  # zimage.engine.text.PromptEncoder (tokenizer + text encoder + embedding cache)
-        self.fast = FastTransformer(transformer)  # the step function; attention backend set by apply_speed
-        self.speed = "eager"  # set by zimage.speed.apply_speed
+        self.device = target.device
+        self.dtype = target.dtype
+        self.transformer = networks.transformer  # zimage.models.z_image.ZImageTransformer
+        self.text_encoder = networks.text_encoder  # the plain module the memory policy places
+        self.vae = networks.vae
+        self.prompts = networks.prompts  # zimage.engine.text.PromptEncoder (tokenizer + text encoder + cache)
+        self.scheduler = networks.scheduler
+        self.sizes = sizes  # zimage.memory.sizes.ModelSizes: what plans are made from (also when re-planning)
+        self.policy = None  # zimage.memory.planned.PlannedPolicy, set by place()
+        self.speed_setup = None  # zimage.speed.apply.SpeedSetup, set by place()
         self.load_seconds = 0.0
 
-    # ---------------------------------------------------------------- loading
     @classmethod
     def load(cls, config: EngineConfig | None = None, **overrides) -> "Engine":
         """Find, check and load the model; choose device, dtype, memory plan and speed mode."""
-        t0 = time.perf_counter()
-        import torch
-
-        log.debug("torch %s imported (%.2fs)", torch.__version__, time.perf_counter() - t0)
-
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        from zimage.engine.device import dtype_name, resolve_device, resolve_dtype
-        from zimage.engine.fp16_guard import install_fp16_guard
-        from zimage.engine.text import PromptEncoder
-        from zimage.engine.sampling import FlowMatchConfig
-        from zimage.memory.policy import Parts
-        from zimage.memory.select import select_policy
-        from zimage.models.tokenizer import PromptTokenizer
-        from zimage.speed.apply import apply_speed
-        from zimage.weights.check import check_model_folder
-        from zimage.weights.load import load_network, prepare_reads
-        from zimage.weights.locate import locate_model
+        from zimage.engine.build import build_engine
 
         config = config or EngineConfig()
         if overrides:
             from dataclasses import replace
 
             config = replace(config, **overrides)
-        device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        prepare_reads(device)
-        log.debug("device %s, dtype %s", device, dtype_name(dtype))
-        location = locate_model(config.model)
-        checked = check_model_folder(location.path)  # every part present and well-formed, before reading data
-        log.debug("%s checked at %s", location.model_id, location.path)
+        return build_engine(config)
 
-        tokenizer = PromptTokenizer.from_folder(location.path / "tokenizer")
-        scheduler = FlowMatchConfig.from_file(location.path / "scheduler" / "scheduler_config.json")
-        log.debug("tokenizer and scheduler read")
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # the VAE overflows in fp16
-        total = sum(c.nbytes for c in checked.values())
-        bar = _progress_bar(config.show_progress, total, f"loading {location.model_id}")
-        policy = select_policy(config, device, dtype, checked)
-        log.debug("memory plan: %s", policy.describe())
-        try:
-            step = bar.update if bar else None
-            conv = config.converted_cache
-            # Each network is loaded straight to where the plan keeps it (device, or host memory to stream from).
-            # The VAE first; then a loader thread reads the text encoder and the transformer while this thread,
-            # the one that will generate, does the first image's start-up work (zimage.engine.warm_start).
-            vae = load_network(checked["vae"], policy.home("vae", device), vae_dtype, step)
-            text_ready: Future = Future()
+    @property
+    def speed(self) -> str:
+        """The speed mode that runs: 'eager' or 'compile' (zimage.speed.apply)."""
+        return self.speed_setup.mode
 
-            def read_the_rest():
-                try:
-                    text_ready.set_result(load_network(checked["text_encoder"], policy.home("text_encoder", device),
-                                                       dtype, step, conv))
-                except BaseException as e:
-                    text_ready.set_exception(e)
-                    raise
-                return load_network(checked["transformer"], policy.home("transformer", device), dtype, step, conv)
+    @property
+    def parts(self):
+        from zimage.memory.policy import Parts
 
-            with ThreadPoolExecutor(1, thread_name_prefix="zimage-loader") as loader:
-                transformer_ready = loader.submit(read_the_rest)
-                warm = _plan_warm_start(config, device, dtype, policy, checked, tokenizer, vae)
-                if warm is not None:
-                    warm.before_text_encoder()
-                text_encoder = text_ready.result()
-                prompts = PromptEncoder(tokenizer, text_encoder, device, config.max_text_tokens,
-                                        config.prompt_cache_size)
-                if warm is not None:
-                    warm.with_text_encoder(prompts)
-                transformer = transformer_ready.result()
-            if policy.plan.weight_dtype == "fp8":  # the user's lossy choice; quantised where it was loaded
-                from zimage.speed.fp8 import fp8_matmul_supported, quantize_transformer
+        return Parts(self.transformer, self.text_encoder, self.vae, self.device)
 
-                quantize_transformer(transformer, matmul=dtype == torch.bfloat16 and fp8_matmul_supported(device))
-        finally:
-            if bar:
-                bar.close()
-        engine = cls(config, location, device, dtype, prompts, scheduler, transformer, text_encoder, vae, policy)
-        policy.place(Parts(transformer, text_encoder, vae, device))
-        engine.speed = apply_speed(engine, config.speed, config.expected_images)
-        if dtype == torch.float16:  # after apply_speed, which may replace the feed-forward modules it hooks
-            install_fp16_guard(transformer)
-        engine.load_seconds = time.perf_counter() - t0
-        log.info("loaded %s from %s in %.1fs (%s, %s, plan %s, speed %s)", location.model_id, location.path,
-                 engine.load_seconds, device, dtype, policy.describe(), engine.speed)
-        return engine
+    # ---------------------------------------------------------------- placement
+    def place(self, plan) -> None:
+        """Put the networks where `plan` (zimage.memory.plan.MemoryPlan) says, then apply speed for that placement
+        and the fp16 guard. The only way an engine's placement changes: the first placement, an out-of-memory
+        fallback (zimage.memory.oom) and a weight change all come through here, so speed always matches the plan
+        (a plan that streams blocks runs them eager, even if they were compiled under the previous one)."""
+        import torch
+
+        from zimage.memory.oom import free_memory
+        from zimage.memory.planned import PlannedPolicy
+        from zimage.speed.apply import apply_speed
+
+        if self.policy is not None:
+            # Compile mode's text-encoder CUDA graphs replay the old placement's weight addresses: drop them (their
+            # pool is freed below) before moving anything.
+            self.prompts.text_encoder = self.text_encoder
+            self.speed_setup = None
+            self.policy.remove()
+        policy = PlannedPolicy(plan)
+        policy.place(self.parts)
+        self.policy = policy
+        self.speed_setup = apply_speed(self.parts, self.config.speed, plan, self.config.expected_images,
+                                       self.config.max_text_tokens)
+        self.prompts.text_encoder = self.speed_setup.text_encoder
+        if self.dtype == torch.float16:  # after apply_speed, which may replace the feed-forward modules it hooks
+            from zimage.engine.fp16_guard import install_fp16_guard
+
+            install_fp16_guard(self.transformer)
+        free_memory(self.device)
 
     # ---------------------------------------------------------------- phases
     def encode(self, requests: list[GenerateRequest]) -> tuple[Conditioning, list[str]]:
@@ -151,27 +115,38 @@ class Engine:
             raise NonFiniteOutputError(f"the text encoder overflowed in {self.dtype}; run with --dtype fp32 or bf16")
         return Conditioning(positive, negative), warnings
 
-    def denoise(self, cond: Conditioning, seeds: list[int], shape: GenerateRequest, on_progress=None, alive=None):
-        """N Euler steps from seeded noise; returns float32 latents (B, 16, H/8, W/8).
+    def noise(self, seeds: list[int], shape: GenerateRequest):
+        """(B, 16, H/8, W/8) float32 on the device: image i's noise from its own CPU generator seeded seeds[i]."""
+        from zimage.engine.sampling import initial_noise
 
-        `shape` gives width, height, steps and guidance (shared by the batch). `alive()`, if given, is called at
-        each step boundary and returns a bool per image still wanted: dropped images leave the batch there (their
-        rows are cut from the latents and captions), so a cancelled request stops costing compute at once.
-        Returns (latents of the images still alive, their indices).
+        return initial_noise(seeds, self.transformer.in_channels, shape.height, shape.width, self.device)
+
+    def denoise(self, cond: Conditioning, latents, shape: GenerateRequest, on_progress=None, alive=None,
+                start: int = 0):
+        """Euler steps `start`..N-1 of the request's schedule from `latents`; returns float32 latents
+        (B, 16, H/8, W/8) of the images still alive, and their indices.
+
+        `latents` (B, 16, H/8, W/8) float32 on the device: seeded noise for text-to-image (zimage.engine.sampling.
+        initial_noise), or an image's latents noised to sigma[start] (img2img). `shape` gives width, height, steps
+        and guidance (shared by the batch). `alive()`, if given, is called at each step boundary and returns a bool
+        per image still wanted: dropped images leave the batch there (their rows are cut from the latents and
+        captions), so a cancelled request stops costing compute at once.
         """
         import torch
 
-        from zimage.engine.sampling import cfg_combine, euler_step, initial_noise, make_schedule
+        from zimage.engine.sampling import cfg_combine, euler_step, make_schedule
 
         self.policy.enter("denoise")
         schedule = make_schedule(self.scheduler, shape.steps, self.device)
-        latents = initial_noise(seeds, self.transformer.in_channels, shape.height, shape.width, self.device)
-        index = list(range(len(seeds)))  # original position of each row still in the batch
+        if not 0 <= start < schedule.steps:
+            raise ValueError(f"start step {start} outside 0..{schedule.steps - 1}")
+        index = list(range(latents.shape[0]))  # original position of each row still in the batch
         positive, negative = list(cond.positive), list(cond.negative)
-        bar = _progress_bar(self.config.show_progress and shape.steps > 1, shape.steps, "denoising", unit="step")
+        steps = schedule.steps - start
+        bar = progress_bar(self.config.show_progress and steps > 1, steps, "denoising", unit="step")
         with torch.inference_mode():
-            ctx = self.fast.prepare(positive + negative, latents.shape[2], latents.shape[3])
-            for i in range(schedule.steps):
+            ctx = self.transformer.prepare(positive + negative, latents.shape[2], latents.shape[3])
+            for i in range(start, schedule.steps):
                 if alive is not None:
                     keep = [k for k, ok in enumerate(alive()) if ok and k in index]
                     if len(keep) < len(index):
@@ -181,7 +156,7 @@ class Engine:
                         negative = [negative[r] for r in rows] if negative else []
                         index = keep
                         if index:
-                            ctx = self.fast.prepare(positive + negative, latents.shape[2], latents.shape[3])
+                            ctx = self.transformer.prepare(positive + negative, latents.shape[2], latents.shape[3])
                     if not index:
                         break
                 batch = latents.shape[0]
@@ -189,14 +164,14 @@ class Engine:
                 if shape.cfg:
                     x = torch.cat([x, x])
                 t = schedule.timesteps[i].expand(x.shape[0])  # (B',)
-                velocity = self.fast.forward(x, t, ctx).float()  # (B', C, h, w)
+                velocity = self.transformer(x, t, ctx).float()  # (B', C, h, w)
                 if shape.cfg:
                     velocity = cfg_combine(velocity[:batch], velocity[batch:], shape.guidance)
                 latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])
                 if bar:
                     bar.update()
                 if on_progress is not None:
-                    on_progress(Progress("denoise", i + 1, schedule.steps, latents))
+                    on_progress(Progress("denoise", i + 1 - start, steps, latents))
         if bar:
             bar.close()
         if index and not _finite(latents):
@@ -211,7 +186,7 @@ class Engine:
         from zimage.engine.decode import decode_latents
 
         self.policy.enter("decode")
-        return decode_latents(self.vae, latents, tile=getattr(self.policy, "tiled_decode", False))
+        return decode_latents(self.vae, latents, tile=self.policy.plan.tiled_decode)
 
     # ---------------------------------------------------------------- all three
     def generate(self, request: GenerateRequest, on_progress=None, cancel=None) -> GenerateResult:
@@ -229,7 +204,11 @@ class Engine:
         and retries once (zimage.memory.oom), with a note in each result's warnings."""
         from zimage.memory.oom import run_with_recovery
 
-        return run_with_recovery(self, requests, lambda: self._generate_many(requests, on_progress, cancels))
+        def run():
+            with self.speed_setup.scoped():
+                return self._generate_many(requests, on_progress, cancels)
+
+        return run_with_recovery(run, self.policy.plan, self.sizes, requests, self.device, self.place)
 
     def _generate_many(self, requests: list[GenerateRequest], on_progress=None, cancels=None) -> list:
         from zimage.engine.decode import to_pil
@@ -253,7 +232,7 @@ class Engine:
         timings["encode"] = self._lap(t0)
         if on_progress:
             on_progress(Progress("encode", 1, 1))
-        latents, index = self.denoise(cond, seeds, first, on_progress, alive)
+        latents, index = self.denoise(cond, self.noise(seeds, first), first, on_progress, alive)
         timings["denoise"] = self._lap(t0) - timings["encode"]
         images = to_pil(self.decode(latents)) if index else []
         timings["decode"] = self._lap(t0) - timings["encode"] - timings["denoise"]
@@ -277,7 +256,7 @@ class Engine:
         """The compute dtype, with '+fp8' when the transformer's matrices are stored in fp8 (lossy: recorded)."""
         from zimage.engine.device import dtype_name
 
-        fp8 = getattr(getattr(self.policy, "plan", None), "weight_dtype", None) == "fp8"
+        fp8 = self.policy.plan.weight_dtype == "fp8"
         return dtype_name(self.dtype) + ("+fp8" if fp8 else "")
 
     def metadata(self, request: GenerateRequest, index: int) -> ImageMetadata:
@@ -303,28 +282,7 @@ class Engine:
         return time.perf_counter() - t0
 
 
-def _plan_warm_start(config, device, dtype, policy, checked, tokenizer, vae):
-    """The first image's start-up work (zimage.engine.warm_start) for this load, or None."""
-    from zimage.engine.warm_start import WarmStart, stand_in_for
-    from zimage.speed.apply import resolve_speed
-
-    eager = resolve_speed(config.speed, device, config.expected_images) == "eager"
-    stand_in = None
-    if eager and device.type == "cuda":
-        stand_in = stand_in_for(policy, checked["transformer"].network.config, dtype, tokenizer, config.warm_prompts,
-                                config.max_text_tokens)
-    return WarmStart.plan(device, config.warm_prompts, vae if eager else None, config.warm_size, stand_in)
-
-
 def _finite(t) -> bool:
     import torch
 
     return bool(torch.isfinite(t).all())
-
-
-def _progress_bar(enabled: bool, total: int, desc: str, unit: str = "B"):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False)

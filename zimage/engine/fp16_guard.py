@@ -16,12 +16,18 @@ def _clamp(t):
 
 
 def install_fp16_guard(transformer) -> int:
-    """Add clamping hooks to every block of an fp16 transformer; returns the number of hooks."""
+    """Add clamping hooks to every block of an fp16 transformer; returns the number of hooks added. Blocks already
+    guarded are skipped (the engine calls this after every placement; fusion replaces the feed-forward module, whose
+    new instance then gets its hooks)."""
     n = 0
     for block in list(transformer.noise_refiner) + list(transformer.context_refiner) + list(transformer.layers):
-        block.attention.register_forward_hook(lambda m, args, out: _clamp(out))
-        block.feed_forward.register_forward_hook(lambda m, args, out: _clamp(out))
-        # w2's input is silu(w1 x) * w3 x, the product that overflows first.
-        block.feed_forward.w2.register_forward_pre_hook(lambda m, args: (_clamp(args[0]),) + tuple(args[1:]))
-        n += 3
+        for module, pre in ((block.attention, False), (block.feed_forward, False), (block.feed_forward.w2, True)):
+            if getattr(module, "_zimage_fp16_guard", False):
+                continue
+            if pre:  # w2's input is silu(w1 x) * w3 x, the product that overflows first
+                module.register_forward_pre_hook(lambda m, args: (_clamp(args[0]),) + tuple(args[1:]))
+            else:
+                module.register_forward_hook(lambda m, args, out: _clamp(out))
+            module._zimage_fp16_guard = True
+            n += 1
     return n

@@ -69,7 +69,7 @@ class WarmStart:
 
     def with_text_encoder(self, prompts) -> None:
         """Encode the known prompts with `prompts` (zimage.engine.text.PromptEncoder) into its cache."""
-        from zimage.engine.device import on_device
+        from zimage.memory.policy import on_device
 
         if self.texts and on_device(prompts.text_encoder, self.device):
             self._attempt(f"{len(self.texts)} prompt(s) encoded", lambda: prompts.encode(self.texts))
@@ -101,23 +101,20 @@ class WarmStart:
         """One eager step of `stand_in_transformer` at the first image's size and caption length."""
         import torch
 
-        from zimage.speed.fast_transformer import FastTransformer
-
         spec = self.stand_in
-        model = stand_in_transformer(spec.config, self.device, spec.dtype)
-        fast = FastTransformer(model)  # eager: the native attention backend, as apply_speed sets for eager
+        model = stand_in_transformer(spec.config, self.device, spec.dtype)  # native attention, as eager speed uses
         w, h = self.size
         caption = torch.zeros(spec.caption_tokens, model.config["cap_feat_dim"], dtype=spec.dtype, device=self.device)
         with torch.inference_mode():
-            ctx = fast.prepare([caption], h // 8, w // 8)
+            ctx = model.prepare([caption], h // 8, w // 8)
             x = torch.zeros(1, model.in_channels, h // 8, w // 8, dtype=spec.dtype, device=self.device)
-            fast.forward(x, torch.full((1,), 0.5, device=self.device), ctx)
+            model(x, torch.full((1,), 0.5, device=self.device), ctx)
 
 
 def worth_it(device, prompt_texts, vae, size, stand_in) -> bool:
     """On a GPU (on a CPU the work would only compete for the cores that read the weights), with something to do:
     a VAE wholly on the device to warm up, a stand-in step, or prompts to encode."""
-    from zimage.engine.device import on_device
+    from zimage.memory.policy import on_device
 
     if device.type != "cuda":
         return False
@@ -125,11 +122,10 @@ def worth_it(device, prompt_texts, vae, size, stand_in) -> bool:
     return bool(decoder or (stand_in is not None and size is not None) or prompt_texts)
 
 
-def stand_in_for(policy, config: dict, dtype, tokenizer, prompt_texts, max_tokens: int) -> StandIn | None:
+def stand_in_for(plan, config: dict, dtype, tokenizer, prompt_texts, max_tokens: int) -> StandIn | None:
     """The stand-in step's spec, or None where it does not apply: only under the all-resident plan (an fp8 plan runs
     other kernels, a streamed one other code), only where the plan leaves room for its weights above the predicted
     peak, and only with a known first prompt (its token count sets the caption's shape)."""
-    plan = getattr(policy, "plan", None)
     if not prompt_texts or plan is None or plan.kind != "resident":
         return None
     if plan.budget_bytes - plan.peak_bytes < stand_in_bytes(config, dtype):

@@ -31,10 +31,9 @@ def request_shape(requests) -> tuple[int, int, int]:
 
 def leaner_plan(plan, sizes, width: int, height: int, batch: int):
     """A plan that needs less than `plan` does at this request's size, or None if `plan` is already the leanest."""
-    from zimage.memory.planner import choose_plan, leanest_plan, make_plan, minimum_budget
+    from zimage.memory.planner import choose_plan, leanest_plan, minimum_budget, same_placement
 
-    now = make_plan(sizes, plan.budget_bytes, width, height, batch, plan.transformer_streamed,
-                    plan.text_resident_layers, plan.text_offloaded, plan.tiled_decode, plan.weight_dtype == "fp8")
+    now = same_placement(plan, sizes, width, height, batch)
     need = minimum_budget(now)
     for fraction in SHRINK:
         try:
@@ -60,48 +59,31 @@ def free_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
-def switch_plan(engine, plan) -> None:
-    """Re-place the engine's networks under `plan` (undoing the current policy's hooks first)."""
-    from zimage.memory.planned import PlannedPolicy
-    from zimage.memory.policy import Parts
-    from zimage.speed.text_graphs import install_text_graphs
+def run_with_recovery(run, plan, sizes, requests, device, fall_back):
+    """`run()` (a generation); on torch.OutOfMemoryError: free, re-plan leaner, `fall_back(leaner_plan)` (the
+    engine re-places its networks under it: Engine.place), retry once.
 
-    old = engine.policy
-    if hasattr(old, "remove"):
-        old.remove()
-    # Compile mode's text-encoder CUDA graphs replay the weight addresses of the old placement: drop them (and their
-    # memory pool, freed below) before re-placing; re-installed fresh only if the new plan keeps the encoder whole
-    # on the GPU (a text-offload plan moves its weights).
-    install_text_graphs(engine, False)
-    policy = PlannedPolicy(plan, old.sizes)
-    policy.place(Parts(engine.transformer, engine.text_encoder, engine.vae, engine.device))
-    engine.policy = policy
-    install_text_graphs(engine, getattr(engine, "speed", "eager") == "compile")
-    free_memory(engine.device)
-
-
-def run_with_recovery(engine, requests, run):
-    """`run()` (a generation); on torch.OutOfMemoryError: free, re-plan leaner, retry once."""
+    `plan` and `sizes` are the current placement's MemoryPlan and ModelSizes (None: nothing to re-plan)."""
     import torch
 
     try:
         return run()
     except torch.OutOfMemoryError as e:
         first = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
-    free_memory(engine.device)  # outside the except block: the traceback (and the tensors it holds) is gone
-    policy = engine.policy
-    plan, sizes = getattr(policy, "plan", None), getattr(policy, "sizes", None)
+    free_memory(device)  # outside the except block: the traceback (and the tensors it holds) is gone
     width, height, batch = request_shape(requests)
     leaner = leaner_plan(plan, sizes, width, height, batch) if plan is not None and sizes is not None else None
     if leaner is None:
+        described = plan.describe() if plan is not None else "no plan"
         raise OutOfMemory(
-            f"out of GPU memory at {width}x{height} x{batch} under the leanest plan ({policy.describe()}): {first}. "
+            f"out of GPU memory at {width}x{height} x{batch} under the leanest plan ({described}): {first}. "
             "Free GPU memory (other processes), or use a smaller size or fewer images per batch"
         )
     note = (f"out of GPU memory under plan '{plan.kind}' ({first}); switched to the leaner plan "
             f"'{leaner.kind}' ({leaner.describe()}) and retried")
     log.warning(note)
-    switch_plan(engine, leaner)
+    fall_back(leaner)
+    free_memory(device)
     try:
         results = run()
     except torch.OutOfMemoryError as e:
@@ -111,7 +93,7 @@ def run_with_recovery(engine, requests, run):
             if r is not None:
                 r.warnings.append(note)
         return results
-    free_memory(engine.device)
+    free_memory(device)
     raise OutOfMemory(
         f"out of GPU memory at {width}x{height} x{batch} twice: under '{plan.kind}', then under the leaner "
         f"'{leaner.kind}' ({second}). The engine keeps the leaner plan; free GPU memory, lower --vram-budget, or "

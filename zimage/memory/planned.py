@@ -12,29 +12,31 @@
 from __future__ import annotations
 
 from zimage.memory.plan import MemoryPlan
-from zimage.memory.policy import MemoryPolicy, Parts
+from zimage.memory.policy import Parts
 
 TILE_PX = 512
 
 
-class PlannedPolicy(MemoryPolicy):
-    def __init__(self, plan: MemoryPlan, sizes=None):
+def home(plan: MemoryPlan, network: str, device):
+    """Where `network` ('transformer' | 'text_encoder' | 'vae') is loaded under `plan`: the device, or 'cpu' for
+    streamed or offloaded networks (`PlannedPolicy.place` moves their resident parts). A transformer stored in fp8 is
+    loaded (bf16) and quantised on the host, so the GPU never holds the bf16 copy."""
+    if network == "transformer" and (plan.transformer_streamed or plan.weight_dtype == "fp8"):
+        return "cpu"
+    if network == "text_encoder" and plan.text_offloaded:
+        return "cpu"
+    return device
+
+
+class PlannedPolicy:
+    def __init__(self, plan: MemoryPlan):
         self.plan = plan
-        self.sizes = sizes  # ModelSizes the plan was made from (for re-planning after an out-of-memory)
         self.name = plan.kind
+        self.parts = None
         self.tiled_decode = plan.tiled_decode
         self.transformer_streamer = None
         self.text_streamer = None
         self._embed_hooks = []
-
-    def home(self, network: str, device):
-        """Streamed or offloaded networks are loaded into host memory; `place` moves their resident parts. A
-        transformer stored in fp8 is loaded (bf16) and quantised on the host, so the GPU never holds the bf16 copy."""
-        if network == "transformer" and (self.plan.transformer_streamed or self.plan.weight_dtype == "fp8"):
-            return "cpu"
-        if network == "text_encoder" and self.plan.text_offloaded:
-            return "cpu"
-        return device
 
     def place(self, parts: Parts) -> None:
         from zimage.memory.streamer import BlockStreamer

@@ -141,3 +141,22 @@ def choose_plan(budget_bytes: int, sizes: ModelSizes, width: int = 1024, height:
         "give a larger --vram-budget or a smaller size",
         param="vram_budget",
     )
+
+
+def same_placement(plan: MemoryPlan, sizes: ModelSizes, width: int, height: int, batch: int) -> MemoryPlan:
+    """`plan`'s placement (streamed blocks, text layers, decode mode, weight dtype, budget) at another image size and
+    batch, with its predicted bytes there."""
+    return make_plan(sizes, plan.budget_bytes, width, height, batch, plan.transformer_streamed,
+                     plan.text_resident_layers, plan.text_offloaded, plan.tiled_decode, plan.weight_dtype == "fp8")
+
+
+def largest_batch(plan: MemoryPlan, sizes: ModelSizes, width: int, height: int, limit: int) -> int:
+    """The most rows through the transformer per batch (images, x2 with CFG), up to `limit`, that `plan`'s placement
+    fits within its budget at width x height (at least 1: one image that does not fit is the out-of-memory
+    recovery's to handle)."""
+    best = 1
+    for batch in range(2, limit + 1):
+        if not fits(same_placement(plan, sizes, width, height, batch)):
+            break
+        best = batch
+    return best

@@ -1,7 +1,8 @@
-"""A memory policy decides where each network lives, and moves them between phases (encode -> denoise -> decode).
+"""What a memory policy works on: the networks of an engine and the device where they compute.
 
-The engine calls `place(parts)` once after loading and `enter(phase)` before each phase; nothing else in the
-engine knows about offloading. `ResidentPolicy` keeps everything on the device (the fastest plan when it fits).
+The engine calls `policy.place(parts)` once per placement and `policy.enter(phase)` before each phase
+(encode -> denoise -> decode); nothing else in the engine knows about offloading. zimage.memory.planned.PlannedPolicy
+is the policy: it applies a MemoryPlan.
 """
 
 from __future__ import annotations
@@ -21,24 +22,7 @@ class Parts:
     device: object  # torch.device where compute runs
 
 
-class MemoryPolicy:
-    name = "base"
-
-    def home(self, network: str, device):
-        """Where `network` ('transformer' | 'text_encoder' | 'vae') is loaded: the device, or 'cpu' to stream from."""
-        return device
-
-    def place(self, parts: Parts) -> None:
-        self.parts = parts
-
-    def enter(self, phase: str) -> None:  # noqa: D401 - hook
-        """Called before `phase`; move weights as this plan needs."""
-
-    def describe(self) -> str:
-        return self.name
-
-
-class ResidentPolicy(MemoryPolicy):
-    """Everything on the device, always."""
-
-    name = "resident"
+def on_device(module, device) -> bool:
+    """Every parameter of `module` on `device` (a torch.device; an unindexed one means index 0, where torch puts it)."""
+    return all(p.device.type == device.type and (p.device.index or 0) == (device.index or 0)
+               for p in module.parameters())

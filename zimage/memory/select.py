@@ -1,73 +1,55 @@
-"""Choosing the memory policy for an engine from its config, device and the checked model sizes.
+"""The budget a plan is chosen for, and the plan for a budget.
 
-CUDA: budget = `config.vram_budget_gib`, or the GPU's free memory less a margin -> `choose_plan` -> PlannedPolicy.
-Other devices (CPU, MPS): everything resident (the plan is still computed, for `describe` and OOM re-planning).
-Plans are made for the default image (1024x1024, one image); a larger request that does not fit is caught by the
-out-of-memory recovery (zimage.memory.oom), which re-plans leaner.
+CUDA: budget = the user's `--vram-budget`, or the GPU's free memory less a margin -> `choose_plan`.
+Other devices (CPU, MPS): everything resident (the plan is still computed, for `describe` and re-planning).
+Plans are made for one image size and batch (the engine's default: one 1024x1024 image); a larger request that does
+not fit is caught by the out-of-memory recovery (zimage.memory.oom), which re-plans leaner.
 """
 
 from __future__ import annotations
 
-from zimage.memory.plan import GIB
-from zimage.memory.policy import MemoryPolicy
+from dataclasses import replace
+
+from zimage.errors import UsageError
+from zimage.memory.plan import GIB, MemoryPlan
 
 FREE_MARGIN_BYTES = GIB  # left to other processes / the CUDA context when the budget is "what is free"
-PLAN_WIDTH = PLAN_HEIGHT = 1024
 
 
-def budget_bytes(config, device) -> int | None:
-    """The VRAM budget in bytes: the configured one, free VRAM less a margin on CUDA, None elsewhere."""
-    if config.vram_budget_gib is not None:
-        if config.vram_budget_gib <= 0:
-            from zimage.errors import UsageError
+def check_budget(budget_gib: float | None) -> None:
+    """A VRAM budget in GiB is a positive finite number (None: what is free)."""
+    import math
 
-            raise UsageError(f"--vram-budget must be positive (GiB), got {config.vram_budget_gib}", param="vram_budget")
-        return int(config.vram_budget_gib * GIB)
+    if budget_gib is None:
+        return
+    if isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float)) or not math.isfinite(budget_gib) \
+            or budget_gib <= 0:
+        raise UsageError(f"--vram-budget must be a positive number of GiB, got {budget_gib!r}", param="vram_budget")
+
+
+def budget_bytes(budget_gib: float | None, device) -> int | None:
+    """The VRAM budget in bytes: the given one, free VRAM less a margin on CUDA, None elsewhere (no budget)."""
+    check_budget(budget_gib)
+    if budget_gib is not None:
+        return int(budget_gib * GIB)
     if device.type == "cuda":
         import torch
 
+        if not torch.cuda.is_available():  # planning for a GPU from a machine without one (`zimage plan`)
+            raise UsageError("no GPU is visible: give the budget to plan for with --vram-budget GIB",
+                             param="vram_budget")
         free, _total = torch.cuda.mem_get_info(device)
         return max(free - FREE_MARGIN_BYTES, 0)
     return None
 
 
-def plan_for(config, device, dtype, checked, width: int = PLAN_WIDTH, height: int = PLAN_HEIGHT, batch: int = 1):
-    """(MemoryPlan, ModelSizes) the engine would use."""
+def plan_for(sizes, budget: int | None, width: int, height: int, batch: int, fp8: bool) -> MemoryPlan:
+    """The fastest plan within `budget` bytes; with no budget (not a GPU), everything resident (its budget is then
+    what it needs)."""
     from zimage.memory.planner import choose_plan, make_plan, minimum_budget
-    from zimage.memory.sizes import model_sizes
 
-    sizes = model_sizes(checked, dtype.itemsize, config.max_text_tokens)
-    budget = budget_bytes(config, device) if device.type == "cuda" or config.vram_budget_gib is not None else None
-    if budget is None:  # not a GPU: all resident, its budget is what it needs
+    if budget is None:
         n_text = len(sizes.text_encoder.blocks)
-        plan = make_plan(sizes, 0, width, height, batch, 0, n_text, False, False, config.fp8)
-        from dataclasses import replace
-
-        return replace(plan, budget_bytes=minimum_budget(plan)), sizes
-    return choose_plan(budget, sizes, width, height, batch, fp8=config.fp8), sizes
-
-
-def select_policy(config, device, dtype, checked) -> MemoryPolicy:
-    from zimage.memory.planned import PlannedPolicy
-
-    if device.type != "cuda":
-        config = _without_budget(config)  # CPU/MPS: resident (a budget names GPU memory)
-    plan, sizes = plan_for(config, device, dtype, checked)
-    return PlannedPolicy(plan, sizes)
-
-
-def describe_plan(args, device, dtype, checked) -> str:
-    """The plan that would be chosen, in one line (for `zimage info` and `zimage plan`)."""
-    from zimage.engine.config import EngineConfig
-
-    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                          vram_budget_gib=getattr(args, "vram_budget", None), fp8=getattr(args, "fp8", False))
-    plan, _ = plan_for(config, device, dtype, checked, getattr(args, "width", PLAN_WIDTH),
-                       getattr(args, "height", PLAN_HEIGHT))
-    return f"memory plan: {plan.describe()}"
-
-
-def _without_budget(config):
-    from dataclasses import replace
-
-    return replace(config, vram_budget_gib=None) if config.vram_budget_gib is not None else config
+        plan = make_plan(sizes, 0, width, height, batch, 0, n_text, False, False, fp8)
+        return replace(plan, budget_bytes=minimum_budget(plan))
+    return choose_plan(budget, sizes, width, height, batch, fp8=fp8)

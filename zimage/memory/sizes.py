@@ -11,10 +11,9 @@ import math
 import re
 from dataclasses import dataclass
 
+from zimage.models.tensor_names import FP8_KEEP
+
 _BLOCK = re.compile(r"^layers\.(\d+)\.")
-# Tensors that stay in the compute dtype under fp8 storage (as diffusers' layerwise casting skips them):
-# norms, embeddings, biases and other 1-D tensors.
-_FP8_SKIP = re.compile(r"(norm|embed|pad_token|bias$)")
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def network_sizes(shapes: dict, dtype_bytes: int) -> NetworkSizes:
     for target, shape in shapes.items():
         numel = math.prod(shape)
         nbytes = numel * dtype_bytes
-        fp8 = numel if len(shape) >= 2 and not _FP8_SKIP.search(target) else nbytes
+        fp8 = numel if len(shape) >= 2 and not FP8_KEEP.search(target) else nbytes
         m = _BLOCK.match(target)
         if m:
             blocks.setdefault(int(m.group(1)), []).append(nbytes)
@@ -105,7 +104,7 @@ def published_model_sizes(dtype_bytes: int = 2) -> ModelSizes:
     from zimage.models.qwen3 import Qwen3TextEncoder
     from zimage.models.vae import VAEDecoder
     from zimage.models.z_image import ZImageTransformer
-    from zimage.weights.tiny import FULL_TEXT, FULL_TRANSFORMER, FULL_VAE
+    from zimage.models.published import FULL_TEXT, FULL_TRANSFORMER, FULL_VAE
 
     with torch.device("meta"):
         tr = ZImageTransformer(FULL_TRANSFORMER)

@@ -1,43 +1,33 @@
-"""Speed modes, applied to a loaded engine. Each lever is switchable and measured (benchmarks/bench_speed.py).
+"""Speed modes, applied to placed networks. Each lever is switchable and measured (benchmarks/bench_speed.py).
 
-- eager:   the fast step function (zimage.speed.fast_transformer) with the best attention kernel for the GPU.
-- compile: eager + every transformer block compiled by inductor (regional compilation: one graph per block kind,
-           reused by all 30 joint blocks), compiled artifacts kept on disk (zimage cache) so that a second process
-           loads them instead of compiling; cuDNN autotuning for the VAE's convolutions; the text encoder replayed
-           from CUDA graphs when it is wholly on the GPU (zimage.speed.text_graphs).
+- eager:   the transformer's own forward (zimage.models.z_image_step) with PyTorch's attention choice.
+- compile: every transformer block compiled by inductor (regional compilation: one graph per block kind, reused by
+           all 30 joint blocks), q/k/v and SwiGLU projections fused, cuDNN attention on Hopper; on CUDA the VAE
+           decoder compiled (channels_last, cuDNN autotuning) and the text encoder replayed from CUDA graphs when it
+           is wholly on the GPU (zimage.speed.text_graphs).
 - auto:    compile on CUDA when the entrypoint will make many images (a server, a long prompts file); eager
            otherwise, so a one-image CLI run never pays for compilation (see README: Speed, for the figures).
+
+`apply_speed` is called by the Engine after every placement (the first one and each re-placement: an out-of-memory
+fallback, a LoRA change), with the placement's plan. It is idempotent and undoes what a new plan forbids: blocks
+compiled under a resident plan run eager again once a plan streams them. Settings that inductor, dynamo and cuDNN
+read process-wide are applied only inside `SpeedSetup.scoped()`, which the engine enters around a generation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from dataclasses import dataclass
 
-from zimage.engine.config import SPEED_CHOICES
-from zimage.errors import UsageError
+from zimage.speed.modes import resolve_speed
 
 log = logging.getLogger("zimage")
 
-# Images after which compiling pays for itself in one process; from BENCHMARKS.md (compile cost with a warm
-# on-disk cache divided by the per-image saving). Refreshed when the benchmark is.
-# H200 (BENCHMARKS.md): a compiling process reaches its first image ~13.5 s later than an eager one even with the
-# on-disk cache (20.1 s against 6.9 s, bench_compile), then saves 0.20 s per image (0.934 s against eager's 1.134 s
-# with the fused RMSNorm): ~65 images.
-COMPILE_BREAK_EVEN_IMAGES = 65
-
-
-def resolve_speed(mode: str, device, expected_images: int | None) -> str:
-    """The concrete mode ('eager' | 'compile') for `mode` on `device`; expected_images None means 'many'."""
-    if mode not in SPEED_CHOICES:
-        raise UsageError(f"unknown speed mode {mode!r}; choose one of {', '.join(SPEED_CHOICES)}", param="speed")
-    if mode != "auto":
-        return mode
-    if device.type != "cuda":
-        return "eager"  # inductor's CPU code is not worth its compile time for a 6B model on a CPU
-    if expected_images is not None and expected_images < COMPILE_BREAK_EVEN_IMAGES:
-        return "eager"
-    return "compile"
+# Sizes and caption lengths vary between requests: dynamo may keep this many graphs per block before it gives up
+# and runs the block eager (its default, 8, is exceeded by a server's mix of sizes and caption lengths).
+RECOMPILE_LIMIT = 64
 
 
 def compile_cache_dir() -> str:
@@ -46,16 +36,53 @@ def compile_cache_dir() -> str:
     return str(zimage_cache() / "inductor")
 
 
-def apply_speed(engine, mode: str, expected_images: int | None = None) -> str:
-    """Configure `engine` for `mode`; returns the concrete mode applied."""
-    from zimage.speed.attention import choose_attention_backend
+@dataclass
+class SpeedSetup:
+    """What `apply_speed` set up: the mode that runs and what the prompt encoder should call."""
 
-    concrete = resolve_speed(mode, engine.device, expected_images)
-    plan = getattr(engine.policy, "plan", None)
+    mode: str  # "eager" | "compile"
+    attention_backend: str  # zimage.models.z_image.ATTENTION_BACKENDS
+    text_encoder: object  # the plain text encoder, or its CUDA-graph replay (zimage.speed.text_graphs)
+    device: object = None  # torch.device the networks run on
+
+    @contextlib.contextmanager
+    def scoped(self):
+        """The process-wide settings compiled code needs, only while a generation runs (then restored): dynamo's
+        recompile limit, inductor's cache folder (zimage's own, unless the user set TORCHINDUCTOR_CACHE_DIR), and
+        cuDNN autotuning of the VAE's convolutions (one algorithm search per shape). Eager mode changes nothing."""
+        if self.mode != "compile":
+            yield
+            return
+        import torch
+
+        user_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        cudnn = torch.backends.cudnn
+        try:
+            if user_cache is None:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir()
+            with torch._dynamo.config.patch(recompile_limit=limit), cudnn.flags(
+                    enabled=cudnn.enabled, benchmark=self.device is not None and self.device.type == "cuda",
+                    deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
+                yield
+        finally:
+            if user_cache is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+
+def apply_speed(parts, mode: str, plan, expected_images: int | None = None, max_text_tokens: int = 512) -> SpeedSetup:
+    """Configure the placed networks `parts` (zimage.memory.policy.Parts) for `mode` under `plan`; `max_text_tokens`
+    is the prompt encoder's limit (the largest text-graph bucket)."""
+    from zimage.models.z_image import NATIVE
+    from zimage.speed.attention import choose_attention_backend, set_attention_backend
+    from zimage.speed.text_graphs import graphed_text_encoder
+
+    device, transformer = parts.device, parts.transformer
+    concrete = resolve_speed(mode, device, expected_images)
     # Compile needs the transformer fully on the device; the text encoder's and the VAE's placement do not matter
     # (text-offload, tiled decode and fp8 storage plans compile too).
     resident = (plan is None or plan.transformer_streamed == 0) and all(
-        p.device == engine.device for p in engine.transformer.parameters())
+        p.device == device for p in transformer.parameters())
     if concrete == "compile" and not resident:
         # Streamed blocks swap their weights in forward hooks, which a compiled block would trace into its graph.
         log.warning("--speed compile is not combined with streamed transformer blocks yet; running eager")
@@ -64,39 +91,47 @@ def apply_speed(engine, mode: str, expected_images: int | None = None) -> str:
     # separate projections are fastest (142 ms/forward; fused 144, cuDNN 145-150); compiled, fused projections
     # with cuDNN attention are (96.4 ms against 98.3 unfused).
     if concrete == "compile":
-        engine.fast.set_attention_backend(choose_attention_backend(engine.device))
+        backend = choose_attention_backend(device)
         # Fusing allocates each fused weight before freeing its parts: only under the all-resident bf16 plan (a
         # 16 GiB cap once ran out of memory there). fp8 plans ("resident+fp8") keep their separately scaled layers.
         if plan is None or plan.kind == "resident":
             from zimage.speed.fuse import fuse_block
 
-            for block in engine.fast.blocks():
+            for block in transformer.blocks():
                 fuse_block(block)
-        compile_blocks(engine)
+        compile_blocks(transformer, parts.vae, device)
     else:
-        engine.fast.set_attention_backend("native")
-    # Compile mode: a new prompt's ~700 eager launches (~28 ms on an H200) become one graph replay. Only
-    # engine.prompts uses the wrapper; engine.text_encoder stays the module the memory policy places. In eager mode
-    # this only undoes a previous install (a plain module is left as it is).
-    from zimage.speed.text_graphs import install_text_graphs
-
-    if install_text_graphs(engine, concrete == "compile"):
+        backend = NATIVE
+        uncompile(transformer, parts.vae)  # blocks compiled under an earlier placement run eager again
+    set_attention_backend(transformer, backend)
+    # Compile mode: a new prompt's ~700 eager launches (~28 ms on an H200) become one graph replay. Only the prompt
+    # encoder calls the replay; parts.text_encoder stays the module the memory policy places.
+    text = graphed_text_encoder(parts.text_encoder, device, plan, max_text_tokens) if concrete == "compile" else None
+    if text is not None:
         log.info("text encoder: CUDA graphs per prompt-length bucket, captured on first use")
-    return concrete
+    return SpeedSetup(concrete, backend, text if text is not None else parts.text_encoder, device)
 
 
-def compile_blocks(engine) -> None:
+def compile_blocks(transformer, vae, device) -> None:
+    """Compile every transformer block (and, on CUDA, the VAE decoder in channels_last). Compilation itself happens
+    at the first call of each new shape, inside SpeedSetup.scoped()."""
     import torch
 
-    # Inductor reads its cache location when it first compiles; keep ours unless the user chose one.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir())
-    # Sizes and caption lengths vary between requests: allow a graph per shape before going dynamic.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in engine.fast.blocks():
+    for block in transformer.blocks():
         block.compile(fullgraph=True)
-    if engine.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # VAE convolutions: pick the fastest algorithm per shape, once
-        engine.vae.to(memory_format=torch.channels_last)  # NHWC: cuDNN's fast layout for bf16 convolutions
-        engine.vae.decoder.compile()  # fuses GroupNorm + SiLU around the convolutions
+    if device.type == "cuda":
+        vae.to(memory_format=torch.channels_last)  # NHWC: cuDNN's fast layout for bf16 convolutions
+        vae.decoder.compile()  # fuses GroupNorm + SiLU around the convolutions
     log.info("transformer blocks compiled (first image of each new size compiles; cache: %s)",
-             os.environ["TORCHINDUCTOR_CACHE_DIR"])
+             os.environ.get("TORCHINDUCTOR_CACHE_DIR") or compile_cache_dir())
+
+
+def uncompile(transformer, vae) -> None:
+    """Undo `compile_blocks`: nn.Module.compile keeps the compiled callable in `_compiled_call_impl`, and a module
+    without one runs its plain forward (and its hooks) again."""
+    for module in list(transformer.blocks()) + [vae.decoder]:
+        module._compiled_call_impl = None
+
+
+def is_compiled(module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None

@@ -8,7 +8,7 @@ Two uses of the same quantised layer (`FP8Linear`):
   row too (absmax / 448) and the product runs in `torch._scaled_mm` with rowwise scales, bf16 out, bias fused.
 
 Which tensors are stored in fp8 is decided by the pattern the memory planner counts with
-(zimage.memory.sizes._FP8_SKIP), so planned fp8 sizes and what `quantize_transformer` does are the same by
+(zimage.models.tensor_names.FP8_KEEP), so planned fp8 sizes and what `quantize_transformer` does are the same by
 construction (tests/test_fp8.py checks it tensor by tensor): every nn.Linear of the transformer whose weight
 name the pattern does not keep, i.e. the blocks' attention (to_q/to_k/to_v/to_out.0, or a fused to_qkv),
 feed-forward (w1/w2/w3, or a fused w13) and adaLN_modulation linears, and the final layer's linear and
@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zimage.memory.sizes import _FP8_SKIP
+from zimage.models.tensor_names import FP8_KEEP
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_MIN = 1e-12  # scales are clamped to this: an all-zero row quantises to zeros instead of 0/0
-FP8_KEEP = _FP8_SKIP  # tensors (by state_dict name) that stay in the compute dtype: the planner's own pattern
 MATMUL_ALIGN = 16  # torch._scaled_mm: K (in_features) and N (out_features) must be multiples of 16
 
 

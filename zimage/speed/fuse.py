@@ -33,8 +33,10 @@ class FusedSwiGLU(torch.nn.Module):
 
 
 def fuse_block(block) -> None:
-    """Fuse one ZImageTransformerBlock in place (attention q/k/v, feed-forward w1/w3)."""
+    """Fuse one ZImageTransformerBlock in place (attention q/k/v, feed-forward w1/w3); a fused block is left as is."""
     attn = block.attention
+    if hasattr(attn, "to_qkv"):
+        return
     attn.to_qkv = _fused_linear([attn.to_q, attn.to_k, attn.to_v])
     del attn.to_q, attn.to_k, attn.to_v
     block.feed_forward = FusedSwiGLU(block.feed_forward)

@@ -19,8 +19,8 @@ capture), at most MAX_GRAPHS of them, all in one shared memory pool. A batch x b
 length above the largest bucket, or a full graph table runs eager, unpadded, as without this module.
 Only when the whole encoder stays on the device (`use_text_graphs`): under a text-offload plan its embedding runs on
 the host and streamed layers swap their weights in hooks, which a graph would freeze. A graph holds the addresses
-of the weights as they were at capture: whatever re-places them (zimage.memory.oom.switch_plan) must re-install
-(`install_text_graphs`), which drops the old graphs and their pool.
+of the weights as they were at capture: every placement (Engine.place, also after an out-of-memory fallback) asks
+for a fresh wrapper (`graphed_text_encoder`), and the old graphs and their pool are dropped with the old one.
 This module imports torch: it is imported only when an engine is being set up.
 """
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zimage.engine.device import on_device
+from zimage.memory.policy import on_device
 
 log = logging.getLogger("zimage")
 
@@ -182,15 +182,9 @@ def _side_stream(device):
     return stream
 
 
-def install_text_graphs(engine, enabled: bool) -> bool:
-    """Point engine.prompts at a fresh GraphedTextEncoder when `enabled` and the engine allows it; otherwise undo a
-    previous one (its graphs and pool are dropped). engine.text_encoder stays the plain module. Returns whether on."""
-    current = engine.prompts.text_encoder
-    plan = getattr(engine.policy, "plan", None)
-    if enabled and use_text_graphs(engine.device, plan, engine.text_encoder):
-        engine.prompts.text_encoder = GraphedTextEncoder(engine.text_encoder, engine.device,
-                                                         engine.prompts.max_tokens)
-        return True
-    if isinstance(current, GraphedTextEncoder):
-        engine.prompts.text_encoder = engine.text_encoder
-    return False
+def graphed_text_encoder(text_encoder, device, plan, max_tokens: int) -> GraphedTextEncoder | None:
+    """A fresh GraphedTextEncoder around `text_encoder` when its placement allows graphs (`use_text_graphs`), else
+    None. Fresh each time: graphs hold the weights' addresses at capture, so every placement gets its own."""
+    if not use_text_graphs(device, plan, text_encoder):
+        return None
+    return GraphedTextEncoder(text_encoder, device, max_tokens)

@@ -15,18 +15,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from zimage.models.published import FULL_TEXT, FULL_TRANSFORMER, FULL_VAE  # noqa: F401 (re-exported)
+
 TINY_VERSION = 1  # bump when the tiny architecture changes, so caches rebuild
 
-# The published full-size shapes (see DESIGN.md) and the tiny stand-ins.
-FULL_TRANSFORMER = dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
-                        axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
+# The tiny stand-ins of the published shapes (zimage.models.published): same architecture, a few hundred
+# thousand parameters.
 TINY_TRANSFORMER = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
                         axes_dims=[8, 12, 12], axes_lens=[1536, 512, 512])
-FULL_TEXT = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960)
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=16, max_position_embeddings=2048)
-FULL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
 TINY_VAE = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
