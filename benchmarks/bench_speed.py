@@ -1,14 +1,18 @@
-"""Speed of zimage against plain diffusers on the GPU, same weights, same run.
+"""Speed of zimage against diffusers on the GPU, same weights, same run.
 
-    python benchmarks/bench_speed.py [--model DIR] [--out DIR] [--quick]
+    python benchmarks/bench_speed.py [--model DIR] [--out DIR] [--steps 8,9] [--modes ...] [--no-sizes]
 
 Builds the full-size random-weight folder if missing (zimage.weights.tiny, published layout and shapes), then:
-1. diffusers ZImagePipeline as the model card runs it (bf16, .to(device()), 1024x1024, 9 steps, guidance 0);
-2. zimage eager and zimage compile (the default GPU mode for servers);
-each: end-to-end s/image (median of 5 after warm-up, new prompt each time), phases (encode/denoise/decode),
-ms per transformer forward (CUDA events), peak VRAM; then other sizes and a batch of 4 (median of 3);
-then losslessness: relative L2 of final latents, zimage vs diffusers bf16, against the bound bf16 itself gives
-(diffusers bf16 vs diffusers with an fp32 transformer). Prints a table; writes JSON.
+1. diffusers ZImagePipeline as the model card runs it (bf16, .to(device()), 1024x1024, guidance 0);
+2. diffusers at its best: the same with `transformer.compile_repeated_blocks(fullgraph=True)` and cuDNN attention
+   (`set_attention_backend("_native_cudnn")`), what a diffusers user gets with two lines;
+3. zimage eager, compile (the default GPU mode for servers) and compile+fp8 (lossy);
+each at every --steps count (N steps = N transformer forwards in both, diffusers >= 0.39 schedule: 8 is the official
+Turbo recipe): end-to-end s/image (median of --repeats after warm-up, new prompt each time), phases
+(encode/denoise/decode), ms per transformer forward (CUDA events), peak VRAM; then other sizes and a batch of 4
+(median of 3, at the first --steps); then losslessness: relative L2 of final latents, zimage vs diffusers bf16,
+against the bound bf16 itself gives (diffusers bf16 vs diffusers with an fp32 transformer). Prints a table with the
+ratio of each run against both diffusers modes; writes JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from common import (DEFAULT_MODEL_DIR, cuda_ms, device, ensure_full_model, envir
 
 MAIN = (1024, 1024)
 SIZES = [(512, 512), (768, 768), (1280, 720), (1536, 1536)]
-STEPS = 9
+STEPS = (8, 9)  # transformer forwards per image: the official Turbo recipe, and the old default
 FLOP_PER_FORWARD_1024 = 5.5e13  # DESIGN.md: one forward at 4096 image + ~30 caption tokens
 PEAK_TFLOPS = 790.0  # measured bf16 matmul rate of an H100/H200 here (KINDS.md)
 
@@ -31,34 +35,43 @@ def rel_l2(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def bench_diffusers(folder: Path, repeats: int, sizes: list, dtype_name: str = "bf16") -> dict:
+def bench_diffusers(folder: Path, repeats: int, sizes: list, dtype_name: str = "bf16", compiled: bool = False) -> dict:
     import torch
     from diffusers import ZImagePipeline
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     t = time.perf_counter()
     run_dtype = torch.bfloat16 if device() == "cuda" else torch.float32  # bf16 on a CPU is only slow
     pipe = ZImagePipeline.from_pretrained(str(folder), torch_dtype=run_dtype).to(device())
     if dtype_name == "fp32":
         pipe.transformer.to(torch.float32)
+    if compiled:
+        if device() == "cuda":
+            pipe.transformer.set_attention_backend("_native_cudnn")
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
     load_s = time.perf_counter() - t
     pipe.set_progress_bar_config(disable=True)
     counter = iter(range(10_000))
 
-    def run(w, h, batch=1, latent=False, seed=None):
-        i = next(counter)
+    def run(w, h, batch=1, latent=False, seed=None, steps=None):
+        i, steps = next(counter), steps or STEPS[0]
         gens = [torch.Generator("cpu").manual_seed(seed if seed is not None else i) for _ in range(batch)]
         return pipe([prompt_variant(i)] * batch if seed is None else [prompt_variant(0)] * batch, width=w, height=h,
-                    num_inference_steps=STEPS, guidance_scale=0.0, generator=gens,
+                    num_inference_steps=steps, guidance_scale=0.0, generator=gens,
                     output_type="latent" if latent else "pil").images
 
     out = {"load_s": load_s}
     if dtype_name == "fp32":
         out["latents"] = run(*MAIN, latent=True, seed=0)
         return out
+    t = time.perf_counter()
+    run(*MAIN)  # warm-up (compiles in compiled mode)
+    sync()
+    out["first_image_s"] = time.perf_counter() - t
     reset_peak()
-    med, all_s, _ = timed(lambda: run(*MAIN), repeats)
-    out["main"] = {"s_per_image": med, "all_s": all_s, "peak_gib": peak_gib()}
+    for steps in STEPS:
+        med, all_s, _ = timed(lambda: run(*MAIN, steps=steps), repeats)
+        out[f"main_{steps}"] = {"s_per_image": med, "all_s": all_s, "peak_gib": peak_gib()}
+    out["main"] = out[f"main_{STEPS[0]}"]
     # phases
     out["main"]["encode_s"], _, emb = timed(lambda: pipe.encode_prompt(prompt_variant(0), device=device(),
                                                                        do_classifier_free_guidance=False), 3)
@@ -71,11 +84,12 @@ def bench_diffusers(folder: Path, repeats: int, sizes: list, dtype_name: str = "
     t_in = torch.tensor([0.5], device=device(), dtype=run_dtype)
     with torch.inference_mode():
         out["main"]["forward_ms"] = cuda_ms(lambda: pipe.transformer(x, t_in, cap, return_dict=False))
-    for w, h in sizes:
-        med, all_s, _ = timed(lambda: run(w, h), 3)
-        out[f"{w}x{h}"] = {"s_per_image": med, "all_s": all_s}
-    med, all_s, _ = timed(lambda: run(*MAIN, batch=4), 3)
-    out["batch4"] = {"s_per_batch": med, "images_per_s": 4 / med, "all_s": all_s}
+    if not compiled:  # compiled, each new size or batch would first compile: measured for zimage only
+        for w, h in sizes:
+            med, all_s, _ = timed(lambda: run(w, h), 3)
+            out[f"{w}x{h}"] = {"s_per_image": med, "all_s": all_s}
+        med, all_s, _ = timed(lambda: run(*MAIN, batch=4), 3)
+        out["batch4"] = {"s_per_batch": med, "images_per_s": 4 / med, "all_s": all_s}
     out["latents"] = run(*MAIN, latent=True, seed=0)
     del pipe
     return out
@@ -93,9 +107,9 @@ def bench_zimage(folder: Path, mode: str, repeats: int, sizes: list) -> dict:
     load_s = time.perf_counter() - t
     counter = iter(range(10_000))
 
-    def req(w, h, batch=1, seed=None):
-        i = next(counter)
-        return GenerateRequest(prompts=(prompt_variant(i if seed is None else 0),), width=w, height=h, steps=STEPS,
+    def req(w, h, batch=1, seed=None, steps=None):
+        i, steps = next(counter), steps or STEPS[0]
+        return GenerateRequest(prompts=(prompt_variant(i if seed is None else 0),), width=w, height=h, steps=steps,
                                n=batch, seed=i if seed is None else seed)
 
     out = {"load_s": load_s, "mode": engine.speed, "attention": attention_backend(engine.transformer)}
@@ -104,11 +118,14 @@ def bench_zimage(folder: Path, mode: str, repeats: int, sizes: list) -> dict:
     sync()
     out["first_image_s"] = time.perf_counter() - t
     reset_peak()
-    results = []
-    med, all_s, _ = timed(lambda: results.append(engine.generate(req(*MAIN))), repeats, warmup=1)
-    phases = {k: sorted(r.timings[k] for r in results[-repeats:])[repeats // 2] for k in ("encode", "denoise", "decode")}
-    out["main"] = {"s_per_image": med, "all_s": all_s, "peak_gib": peak_gib(),
-                   **{f"{k}_s": v for k, v in phases.items()}}
+    for steps in STEPS:
+        results = []
+        med, all_s, _ = timed(lambda: results.append(engine.generate(req(*MAIN, steps=steps))), repeats, warmup=1)
+        phases = {k: sorted(r.timings[k] for r in results[-repeats:])[repeats // 2]
+                  for k in ("encode", "denoise", "decode")}
+        out[f"main_{steps}"] = {"s_per_image": med, "all_s": all_s, "peak_gib": peak_gib(),
+                                **{f"{k}_s": v for k, v in phases.items()}}
+    out["main"] = dict(out[f"main_{STEPS[0]}"])
     r = req(*MAIN)
     cond, _ = engine.encode([r])
     with torch.inference_mode():
@@ -133,36 +150,42 @@ def bench_zimage(folder: Path, mode: str, repeats: int, sizes: list) -> dict:
 
 
 def main() -> None:
+    global MAIN, STEPS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", default=",".join(map(str, STEPS)), help="forwards per image, each measured (8,9)")
+    p.add_argument("--diffusers", default="eager,compile", help="diffusers runs: eager, compile (+ cuDNN attention)")
     p.add_argument("--modes", default="eager,compile,compile+fp8", help="zimage runs: eager, compile, MODE+fp8")
     p.add_argument("--no-sizes", action="store_true")
     p.add_argument("--no-fp32-bound", action="store_true")
     p.add_argument("--size", default="1024x1024", help="main size (smaller for a CPU smoke test)")
     args = p.parse_args()
-    global MAIN
     MAIN = tuple(int(v) for v in args.size.split("x"))
+    STEPS = tuple(int(v) for v in args.steps.split(","))
     folder, build_s = ensure_full_model(args.model)
     print(f"model folder {folder} (built in {build_s:.0f}s)" if build_s else f"model folder {folder}", flush=True)
     sizes = [] if args.no_sizes else SIZES
-    res = {"env": environment(), "build_s": build_s, "steps": STEPS}
-    runs = {}
-    runs["diffusers"] = bench_diffusers(folder, args.repeats, sizes)
-    free_cuda()
-    print("diffusers done", runs["diffusers"]["main"], flush=True)
-    errors = {}
-    for mode in args.modes.split(","):
+    res = {"env": environment(), "build_s": build_s, "steps": STEPS, "size": MAIN}
+    runs, errors = {}, {}
+
+    def attempt(name, fn):
         try:
-            runs[f"zimage-{mode}"] = bench_zimage(folder, mode, args.repeats, sizes)
-            print(mode, "done", runs[f"zimage-{mode}"]["main"], flush=True)
-        except Exception as e:  # record and go on: one failing mode must not lose the others' figures
+            runs[name] = fn()
+            print(name, "done", runs[name]["main"], flush=True)
+        except Exception as e:  # record and go on: one failing run must not lose the others' figures
             import traceback
 
             traceback.print_exc()
-            errors[mode] = repr(e)
+            errors[name] = repr(e)
         free_cuda()
+
+    for mode in [m for m in args.diffusers.split(",") if m]:
+        attempt("diffusers" if mode == "eager" else "diffusers-compile",
+                lambda: bench_diffusers(folder, args.repeats, sizes, compiled=mode == "compile"))
+    for mode in [m for m in args.modes.split(",") if m]:
+        attempt(f"zimage-{mode}", lambda: bench_zimage(folder, mode, args.repeats, sizes))
     res["errors"] = errors
     ref = runs["diffusers"].pop("latents")
     lossless = {name: rel_l2(r.pop("latents"), ref) for name, r in runs.items() if name != "diffusers"}
@@ -172,18 +195,23 @@ def main() -> None:
         free_cuda()
     res["runs"] = runs
     res["lossless_rel_l2_vs_diffusers_bf16"] = lossless
-    base = runs["diffusers"]["main"]["s_per_image"]
-    floor = STEPS * FLOP_PER_FORWARD_1024 / (PEAK_TFLOPS * 1e12)
-    res["floor_s"] = floor
-    print(f"\n{res['env']['device']}  1024x1024, {STEPS} steps, bf16  (floor {floor:.3f}s)")
-    print(f"{'run':<18}{'s/img':>8}{'x diff':>8}{'enc':>7}{'denoise':>9}{'dec':>7}{'fwd ms':>8}{'peak GiB':>9}{'floor%':>8}")
-    for name, r in runs.items():
-        m = r["main"]
-        print(f"{name:<18}{m['s_per_image']:>8.3f}{m['s_per_image'] / base:>8.2f}{m['encode_s']:>7.3f}"
-              f"{m.get('denoise_s', float('nan')):>9.3f}{m['decode_s']:>7.3f}{m['forward_ms']:>8.1f}"
-              f"{m['peak_gib']:>9.1f}{100 * floor / m['s_per_image']:>7.0f}%")
+    baselines = [b for b in ("diffusers", "diffusers-compile") if b in runs]
+    res["floor_s"] = {}
+    for steps in STEPS:
+        floor = steps * FLOP_PER_FORWARD_1024 / (PEAK_TFLOPS * 1e12)
+        res["floor_s"][steps] = floor
+        print(f"\n{res['env']['device']}  {MAIN[0]}x{MAIN[1]}, {steps} forwards, bf16  (matmul floor {floor:.3f}s)")
+        head = "".join(f"{'x ' + {'diffusers': 'diff', 'diffusers-compile': 'diff-c'}[b]:>10}" for b in baselines)
+        print(f"{'run':<22}{'s/img':>8}{head}{'enc':>7}{'denoise':>9}{'dec':>7}{'fwd ms':>8}{'peak GiB':>9}")
+        for name, r in runs.items():
+            m = r[f"main_{steps}"]
+            ratios = "".join(f"{m['s_per_image'] / runs[b][f'main_{steps}']['s_per_image']:>10.2f}" for b in baselines)
+            print(f"{name:<22}{m['s_per_image']:>8.3f}{ratios}{r['main'].get('encode_s', float('nan')):>7.3f}"
+                  f"{m.get('denoise_s', float('nan')):>9.3f}{r['main'].get('decode_s', float('nan')):>7.3f}"
+                  f"{r['main'].get('forward_ms', float('nan')):>8.1f}{m['peak_gib']:>9.1f}")
     for key in [f"{w}x{h}" for w, h in sizes] + ["batch4"]:
-        print(key, {n: round(r[key].get("s_per_image", r[key].get("s_per_batch", 0)), 3) for n, r in runs.items()})
+        print(key, {n: round(r[key].get("s_per_image", r[key].get("s_per_batch", 0)), 3)
+                    for n, r in runs.items() if key in r})
     print("lossless (rel L2 of latents vs diffusers bf16):", lossless)
     print("wrote", write_json("speed", res, args.out))
 

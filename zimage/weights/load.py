@@ -143,3 +143,21 @@ def _check_materialized(module) -> None:
     left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"tensors left on the meta device after loading: {left[:5]}")
+
+
+def read_original(checked: CheckedNetwork, names, dtype) -> dict:
+    """{module tensor name: tensor} of `names` (e.g. 'layers.3.attention.to_k.weight') read again from the checkpoint
+    into host memory and cast to `dtype` as at load: what undoing a merged LoRA puts back (zimage.weights.lora_merge)."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[tuple[str, str]]] = defaultdict(list)
+    for name in names:
+        stored, info = checked.tensors[name]
+        by_file[info.file].append((stored, name))
+    out = {}
+    for path, items in by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for stored, name in items:
+                t = f.get_tensor(stored)
+                out[name] = t.to(dtype) if t.is_floating_point() else t
+    return out

@@ -1,0 +1,91 @@
+"""Runtime (unmerged) LoRA: a linear layer plus per-row low-rank deltas, for switching LoRA sets per request and for
+batches whose rows use different sets.
+
+    y = base(x) + (x A_s^T) B_s^T        for row b of the batch, s = rows[b] its slot (no delta where s < 0)
+
+Each wrapped layer holds `slots` factor pairs of one rank bucket R (a set of several LoRAs is one pair: their
+factors concatenated along the rank, scales folded into B; lower ranks padded with zeros, which add exactly 0):
+    lora_down (S, R, in), lora_up (S, out, R)  in the compute dtype, parameters (so placement and streaming move them).
+Which slot each row uses is shared by every layer of the network through one `LoraRows` object that the engine sets
+before a forward. In eager mode a batch whose rows all use one slot takes two plain matmuls; otherwise (and always
+when compiled, so that no Python branch depends on which slots a batch uses and a change of LoRA set never
+recompiles) the rows' factors are gathered and multiplied batch-wise (bmm: the segmented LoRA matmul of multi-LoRA
+LLM servers, at image batch sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LoraRows:
+    """The slot of each row of the batch about to run (shared by all LoraLinear layers of a network)."""
+
+    def __init__(self):
+        self.slots: tuple[int, ...] = ()  # per row; -1: no LoRA
+        self.index: torch.Tensor | None = None  # (B,) long on the device: slots clamped to >= 0
+        self.active: torch.Tensor | None = None  # (B, 1, 1) in the compute dtype: 0 for rows without LoRA
+
+    def set(self, slots, device, dtype) -> None:
+        slots = tuple(int(s) for s in slots)
+        if slots == self.slots and self.index is not None and self.index.device == torch.device(device):
+            return
+        self.slots = slots
+        self.index = torch.tensor([max(s, 0) for s in slots], dtype=torch.long, device=device)
+        self.active = torch.tensor([1.0 if s >= 0 else 0.0 for s in slots], dtype=dtype, device=device).view(-1, 1, 1)
+
+    def uniform(self) -> int | None:
+        """The one slot every row uses, or None when rows differ."""
+        return self.slots[0] if self.slots and all(s == self.slots[0] for s in self.slots) else None
+
+
+class LoraLinear(nn.Module):
+    """`base` (an nn.Linear or FP8Linear, kept as is) plus `slots` LoRA factor pairs of rank `rank`."""
+
+    def __init__(self, base: nn.Module, slots: int, rank: int, rows: LoraRows, dtype, device=None):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rows = rows
+        self.lora_down = nn.Parameter(torch.zeros(slots, rank, self.in_features, dtype=dtype, device=device),
+                                      requires_grad=False)
+        self.lora_up = nn.Parameter(torch.zeros(slots, self.out_features, rank, dtype=dtype, device=device),
+                                    requires_grad=False)
+
+    @property
+    def slots(self) -> int:
+        return self.lora_down.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.shape[1]
+
+    @torch.no_grad()
+    def write(self, slot: int, down: torch.Tensor | None, up: torch.Tensor | None) -> None:
+        """Slot `slot` <- down (r, in), up (out, r) with r <= rank (scale already in `up`); None clears the slot."""
+        self.lora_down[slot].zero_()
+        self.lora_up[slot].zero_()
+        if down is None:
+            return
+        r = down.shape[0]
+        self.lora_down[slot, :r].copy_(down)
+        self.lora_up[slot, :, :r].copy_(up)
+
+    def forward(self, x):
+        """x (B, ..., in) -> (B, ..., out); row b of the batch gets slot rows.slots[b]'s delta."""
+        y = self.base(x)
+        if not torch.compiler.is_compiling():
+            slot = self.rows.uniform()
+            if slot is not None:
+                if slot < 0:
+                    return y
+                d = torch.nn.functional.linear(x, self.lora_down[slot])  # (B, ..., R)
+                return y + torch.nn.functional.linear(d, self.lora_up[slot])
+        rows = self.rows
+        lead = x.shape
+        x3 = x.reshape(lead[0], -1, lead[-1])  # (B, L, in): one sequence per row
+        down = self.lora_down[rows.index]  # (B, R, in)
+        up = self.lora_up[rows.index] * rows.active  # (B, out, R); rows without LoRA add 0
+        d = torch.bmm(x3, down.transpose(1, 2))  # (B, L, R)
+        return y + torch.bmm(d, up.transpose(1, 2)).reshape(*lead[:-1], self.out_features)
