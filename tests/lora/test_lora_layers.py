@@ -1,0 +1,58 @@
+"""Runtime LoRA layers (zimage.models.lora) and in-place merging (zimage.weights.lora_merge), on CPU in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from zimage.models.lora import LoraLinear, LoraRows
+
+
+def factors(out_f, in_f, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g)  # down (r, in), up (out, r)
+
+
+def layer(slots=3, rank=8, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(24, 40, bias=True)
+    rows = LoraRows()
+    lora = LoraLinear(base, slots, rank, rows, torch.float32)
+    return base, rows, lora
+
+
+def test_uniform_slot_adds_its_delta_and_lower_ranks_pad_with_zeros():
+    base, rows, lora = layer()
+    down, up = factors(40, 24, 5, 1)  # rank 5 in a bucket of 8
+    lora.write(1, down, up)
+    x = torch.randn(2, 7, 24)
+    rows.set([1, 1], "cpu", torch.float32)
+    torch.testing.assert_close(lora(x), base(x) + x @ down.T @ up.T, rtol=0, atol=1e-5)
+    rows.set([-1, -1], "cpu", torch.float32)
+    assert torch.equal(lora(x), base(x))  # no LoRA: the base layer's output, exactly
+
+
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "gather path (as compiled)"])
+def test_mixed_rows_each_get_their_own_slot(monkeypatch, compiling):
+    base, rows, lora = layer()
+    ds = [factors(40, 24, 8, s) for s in (1, 2)]
+    for slot, (down, up) in enumerate(ds):
+        lora.write(slot, down, up)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    x = torch.randn(3, 5, 24)
+    rows.set([1, -1, 0], "cpu", torch.float32)
+    want = torch.stack([base(x[0]) + x[0] @ ds[1][0].T @ ds[1][1].T, base(x[1]),
+                        base(x[2]) + x[2] @ ds[0][0].T @ ds[0][1].T])
+    torch.testing.assert_close(lora(x), want, rtol=0, atol=1e-5)
+    y2 = torch.randn(3, 24)  # 2-D inputs (adaLN modulation: (B, 256)) too
+    torch.testing.assert_close(lora(y2)[1], base(y2[1]), rtol=0, atol=1e-6)
+
+
+def test_write_none_clears_a_slot():
+    base, rows, lora = layer()
+    lora.write(2, *factors(40, 24, 8, 3))
+    lora.write(2, None, None)
+    rows.set([2], "cpu", torch.float32)
+    x = torch.randn(1, 4, 24)
+    torch.testing.assert_close(lora(x), base(x), rtol=0, atol=0)
