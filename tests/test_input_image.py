@@ -389,6 +389,7 @@ def test_image_tensor_as_diffusers():
     ref = VaeImageProcessor(vae_scale_factor=16).preprocess(pil)
     assert ours.shape == ref.shape == (1, 3, 256, 512) and ours.dtype == torch.float32
     assert torch.equal(ours, ref)
+    assert ours.stride() == ref.stride()  # the same (channels_last) layout: convolutions round by layout
     assert ours.min() >= -1 and ours.max() <= 1
 
 
