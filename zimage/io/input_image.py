@@ -49,7 +49,7 @@ from zimage.errors import UsageError
 from zimage.sizes import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, check_side
 
 MAX_INPUT_BYTES = 25 * 1024 * 1024  # per file
-MAX_INPUT_SIDE = 4096  # pixels per side as decoded: at most 4096 * 4096 = 16.7 MP
+MAX_INPUT_SIDE = 4096  # pixels per side as decoded: at most 4096 * 4096 = 16,777,216 pixels (16.8 MP)
 RESIZE_MODES = ("fit", "crop", "stretch")
 MAX_MASK_BLUR = 128  # pixels (Gaussian radius)
 MASK_CELL = 8  # the VAE's downsampling: the inpainting blend reads the mask at one pixel per 8x8 cell
