@@ -1,16 +1,21 @@
-"""The decoder half of diffusers' `AutoencoderKL` (the Flux VAE of Z-Image), in plain torch.
+"""diffusers' `AutoencoderKL` (the Flux VAE of Z-Image) in plain torch: the decoder, and the encoder for image inputs.
 
-Importing diffusers costs seconds (package probes, torch._dynamo, peft, every model class); text-to-image only
-decodes latents, so this module re-implements exactly that part with the same parameter names (the `decoder.*` and
-`post_quant_conv.*` keys of diffusers' state dict) and the same op order, so outputs match diffusers to fp32 rounding:
+Importing diffusers costs seconds (package probes, torch._dynamo, peft, every model class); zimage re-implements
+exactly the two halves it runs with the same parameter names (`decoder.*` + `post_quant_conv.*`, and `encoder.*` +
+`quant_conv.*` of diffusers' state dict) and the same op order, so outputs match diffusers to fp32 rounding:
 
     vae = VAEDecoder(json.load(open("vae/config.json")))  # under torch.device("meta") to skip the init
     vae.load_state_dict(decoder_state_dict, strict=True, assign=True)
     image = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor)  # (B, 3, 8h, 8w) in ~[-1, 1]
 
-Sources reproduced (diffusers 0.42): autoencoders/autoencoder_kl.py (decode, tiled_decode, blend_v/h),
-autoencoders/vae.py (Decoder), unets/unet_2d_blocks.py (UNetMidBlock2D, UpDecoderBlock2D), resnet.py
-(ResnetBlock2D), upsampling.py (Upsample2D), attention_processor.py (Attention + AttnProcessor2_0).
+    enc = VAEEncoder(config)  # text-to-image never builds it: only image inputs (img2img, inpainting) need it
+    enc.load_state_dict(encoder_state_dict, strict=True, assign=True)
+    mean, std = gaussian_mean_std(enc.encode(pixels))  # pixels (B, 3, H, W) in [-1, 1] -> (B, latent, H/8, W/8)
+
+Sources reproduced (diffusers 0.42): autoencoders/autoencoder_kl.py (encode, decode, tiled_encode, tiled_decode,
+blend_v/h), autoencoders/vae.py (Encoder, Decoder, DiagonalGaussianDistribution), unets/unet_2d_blocks.py
+(UNetMidBlock2D, DownEncoderBlock2D, UpDecoderBlock2D), resnet.py (ResnetBlock2D), downsampling.py (Downsample2D),
+upsampling.py (Upsample2D), attention_processor.py (Attention + AttnProcessor2_0).
 No buffers: every tensor is a parameter, so meta construction + `assign=True` loading leaves nothing uninitialised.
 """
 
@@ -22,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# diffusers' AutoencoderKL defaults for the keys the decoder reads (a config.json may omit any of them).
+# diffusers' AutoencoderKL defaults for the keys the two halves read (a config.json may omit any of them).
 _DEFAULTS = dict(
-    latent_channels=4, out_channels=3, block_out_channels=(64,), layers_per_block=1, norm_num_groups=32,
-    up_block_types=("UpDecoderBlock2D",), act_fn="silu", mid_block_add_attention=True, use_post_quant_conv=True,
+    in_channels=3, latent_channels=4, out_channels=3, block_out_channels=(64,), layers_per_block=1,
+    norm_num_groups=32, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+    act_fn="silu", mid_block_add_attention=True, use_quant_conv=True, use_post_quant_conv=True,
     scaling_factor=0.18215, shift_factor=None, sample_size=32,
 )
-_EPS = 1e-6  # every GroupNorm of diffusers' Decoder (resnets, mid attention, conv_norm_out)
+_EPS = 1e-6  # every GroupNorm of diffusers' Encoder and Decoder (resnets, mid attention, conv_norm_out)
 
 
 class ResnetBlock2D(nn.Module):
@@ -152,6 +158,91 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
+class Downsample2D(nn.Module):
+    """Pad one zero row/column at the bottom/right, then a stride-2 3x3 conv without padding (diffusers Downsample2D
+    with use_conv=True, padding=0, name="op": the conv is stored as `conv`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H/2, W/2) for even H, W
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
+
+
+class DownEncoderBlock2D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)]
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class Encoder(nn.Module):
+    """diffusers vae.Encoder (double_z=True): conv_in, down blocks (narrowest first), mid block, norm, silu, conv_out
+    to 2 * latent_channels (the mean and log-variance of the latent distribution)."""
+
+    def __init__(self, cfg: SimpleNamespace):
+        super().__init__()
+        channels = list(cfg.block_out_channels)
+        groups = cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        out_ch = channels[0]
+        for i in range(len(cfg.down_block_types)):
+            in_ch, out_ch = out_ch, channels[i]
+            # layers_per_block resnets here (the decoder's up blocks have one more)
+            self.down_blocks.append(DownEncoderBlock2D(
+                in_ch, out_ch, cfg.layers_per_block, groups, add_downsample=i != len(channels) - 1
+            ))
+        self.mid_block = MidBlock(channels[-1], groups, cfg.mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_EPS)
+        self.conv_out = nn.Conv2d(channels[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, 2*latent, H / 2**(n-1), ...)
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+def _vae_config(config: dict, blocks_key: str, block_type: str, who: str) -> SimpleNamespace:
+    """A diffusers vae/config.json dict -> SimpleNamespace with diffusers' defaults; refuses what `who` cannot build.
+
+    `shift_factor` null becomes 0.0; `blocks_key` (up_block_types or down_block_types) must be all `block_type`."""
+    cfg = {**_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    bad = [t for t in cfg[blocks_key] if t != block_type]
+    if bad:
+        kind = blocks_key.split("_")[0]
+        raise ValueError(f"{who} supports only {block_type} {kind} blocks, got {bad[0]!r}")
+    if cfg["act_fn"] != "silu":
+        raise ValueError(f"{who} supports only act_fn 'silu', got {cfg['act_fn']!r}")
+    if len(cfg[blocks_key]) != len(cfg["block_out_channels"]):
+        raise ValueError(f"{blocks_key} and block_out_channels must have the same length")
+    cfg["block_out_channels"] = tuple(cfg["block_out_channels"])
+    cfg["up_block_types"] = tuple(cfg["up_block_types"])
+    cfg["down_block_types"] = tuple(cfg["down_block_types"])
+    cfg["shift_factor"] = float(cfg["shift_factor"] or 0.0)
+    return SimpleNamespace(**cfg)
+
+
+def _tile_sizes(cfg: SimpleNamespace) -> tuple[int, int, float]:
+    """(tile_sample_min_size, tile_latent_min_size, tile_overlap_factor) as AutoencoderKL.__init__ sets them: tiles
+    of sample_size pixels, i.e. sample_size / 2**(n-1) latents (n = number of blocks), a quarter overlapping."""
+    sample_size = cfg.sample_size
+    sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+    return int(sample_size), int(sample_size / (2 ** (len(cfg.block_out_channels) - 1))), 0.25
+
+
 class VAEDecoder(nn.Module):
     """AutoencoderKL's decode path. `config` is the dict of a diffusers vae/config.json (AutoencoderKL).
 
@@ -163,30 +254,11 @@ class VAEDecoder(nn.Module):
 
     def __init__(self, config: dict):
         super().__init__()
-        cfg = {**_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-        bad = [t for t in cfg["up_block_types"] if t != "UpDecoderBlock2D"]
-        if bad:
-            raise ValueError(f"VAEDecoder supports only UpDecoderBlock2D up blocks, got {bad[0]!r}")
-        if cfg["act_fn"] != "silu":
-            raise ValueError(f"VAEDecoder supports only act_fn 'silu', got {cfg['act_fn']!r}")
-        if len(cfg["up_block_types"]) != len(cfg["block_out_channels"]):
-            raise ValueError("up_block_types and block_out_channels must have the same length")
-        cfg["block_out_channels"] = tuple(cfg["block_out_channels"])
-        cfg["up_block_types"] = tuple(cfg["up_block_types"])
-        cfg["shift_factor"] = float(cfg["shift_factor"] or 0.0)
-        self.config = SimpleNamespace(**cfg)
-
+        self.config = _vae_config(config, "up_block_types", "UpDecoderBlock2D", "VAEDecoder")
         self.decoder = Decoder(self.config)
         latent = self.config.latent_channels
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if self.config.use_post_quant_conv else None
-
-        # Tiling, as AutoencoderKL.__init__ sets it: tiles of sample_size pixels, i.e. sample_size / 2**(n-1)
-        # latents (n = number of blocks), a quarter of each tile overlapping its neighbours.
-        sample_size = cfg["sample_size"]
-        sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-        self.tile_sample_min_size = int(sample_size)
-        self.tile_latent_min_size = int(sample_size / (2 ** (len(self.config.block_out_channels) - 1)))
-        self.tile_overlap_factor = 0.25
+        self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor = _tile_sizes(self.config)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -218,26 +290,97 @@ class VAEDecoder(nn.Module):
         overlap_size = int(self.tile_latent_min_size * (1 - self.tile_overlap_factor))  # latent stride
         blend_extent = int(self.tile_sample_min_size * self.tile_overlap_factor)  # pixels blended per edge
         row_limit = self.tile_sample_min_size - blend_extent  # pixels kept per tile
+        rows = _run_tiles(self._decode_tile, z, self.tile_latent_min_size, overlap_size)
+        return _stitch(rows, blend_extent, row_limit)
 
-        rows = []
-        for i in range(0, z.shape[2], overlap_size):
-            rows.append([
-                self._decode_tile(z[:, :, i : i + self.tile_latent_min_size, j : j + self.tile_latent_min_size])
-                for j in range(0, z.shape[3], overlap_size)
-            ])
-        result_rows = []
-        for i, row in enumerate(rows):
-            result_row = []
-            for j, tile in enumerate(row):
-                # In place, in this order, as diffusers: a tile is blended into by its (already blended) upper and
-                # left neighbours, and is itself the neighbour of later tiles.
-                if i > 0:
-                    tile = _blend_v(rows[i - 1][j], tile, blend_extent)
-                if j > 0:
-                    tile = _blend_h(row[j - 1], tile, blend_extent)
-                result_row.append(tile[:, :, :row_limit, :row_limit])
-            result_rows.append(torch.cat(result_row, dim=3))
-        return torch.cat(result_rows, dim=2)
+
+class VAEEncoder(nn.Module):
+    """AutoencoderKL's encode path. `config` is the dict of a diffusers vae/config.json (AutoencoderKL).
+
+    Attributes: `config` (as VAEDecoder's), `encoder`, `quant_conv` (None when use_quant_conv is false, as in the
+    Flux VAE), and the same tiling knobs as VAEDecoder (AutoencoderKL uses one set for both directions).
+    Call encode/tiled_encode under torch.inference_mode(): nothing here turns autograd off.
+    """
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = _vae_config(config, "down_block_types", "DownEncoderBlock2D", "VAEEncoder")
+        self.encoder = Encoder(self.config)
+        moments = 2 * self.config.latent_channels
+        self.quant_conv = nn.Conv2d(moments, moments, 1) if self.config.use_quant_conv else None
+        self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor = _tile_sizes(self.config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.conv_in.weight.device
+
+    def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(x)
+        if self.quant_conv is not None:
+            x = self.quant_conv(x)
+        return x
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) pixels in [-1, 1], in the module's dtype -> (B, 2 * latent_channels, H/8, W/8)
+        moments (mean, then log-variance, along dim 1; H and W multiples of 8 for the Flux VAE's 4 blocks).
+
+        = diffusers `vae.encode(x).latent_dist.parameters` (tiling and slicing off); `gaussian_mean_std` reads it.
+        """
+        return self._encode_tile(x)
+
+    def tiled_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """= diffusers `vae._tiled_encode(x)` (the moments; `tiled_encode(x).latent_dist.parameters`): pixel tiles
+        of tile_sample_min_size, a stride of 3/4 of that, encoded one at a time (peak activation memory bounded by
+        the tile), blended linearly over a quarter of a latent tile, then cropped.
+
+        Not equal to `encode` (each tile's GroupNorm and attention see only that tile), but without seams.
+        """
+        overlap_size = int(self.tile_sample_min_size * (1 - self.tile_overlap_factor))  # pixel stride
+        blend_extent = int(self.tile_latent_min_size * self.tile_overlap_factor)  # latents blended per edge
+        row_limit = self.tile_latent_min_size - blend_extent  # latents kept per tile
+        rows = _run_tiles(self._encode_tile, x, self.tile_sample_min_size, overlap_size)
+        return _stitch(rows, blend_extent, row_limit)
+
+
+def gaussian_mean_std(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 2C, h, w) moments -> (mean, std), each (B, C, h, w), in the moments' dtype.
+
+    As diffusers' DiagonalGaussianDistribution: the log-variance is clamped to [-30, 20], std = exp(logvar / 2).
+    A sample of the latent distribution is mean + std * eps with eps ~ N(0, 1) of the mean's shape.
+    """
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    logvar = torch.clamp(logvar, -30.0, 20.0)
+    return mean, torch.exp(0.5 * logvar)
+
+
+def _run_tiles(fn, x: torch.Tensor, size: int, stride: int) -> list[list[torch.Tensor]]:
+    """fn applied to x's (size x size) windows taken every `stride` along H then W: rows of outputs, top to bottom."""
+    return [
+        [fn(x[:, :, i : i + size, j : j + size]) for j in range(0, x.shape[3], stride)]
+        for i in range(0, x.shape[2], stride)
+    ]
+
+
+def _stitch(rows: list[list[torch.Tensor]], blend_extent: int, row_limit: int) -> torch.Tensor:
+    """Blend each tile with its upper and left neighbours over `blend_extent`, keep its first `row_limit` rows and
+    columns, and concatenate: AutoencoderKL's tiled_encode / tiled_decode after the per-tile calls."""
+    result_rows = []
+    for i, row in enumerate(rows):
+        result_row = []
+        for j, tile in enumerate(row):
+            # In place, in this order, as diffusers: a tile is blended into by its (already blended) upper and
+            # left neighbours, and is itself the neighbour of later tiles.
+            if i > 0:
+                tile = _blend_v(rows[i - 1][j], tile, blend_extent)
+            if j > 0:
+                tile = _blend_h(row[j - 1], tile, blend_extent)
+            result_row.append(tile[:, :, :row_limit, :row_limit])
+        result_rows.append(torch.cat(result_row, dim=3))
+    return torch.cat(result_rows, dim=2)
 
 
 # Row by row with Python-float weights, as AutoencoderKL.blend_v/blend_h (a vectorised ramp rounds differently).

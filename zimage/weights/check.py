@@ -9,7 +9,7 @@ from pathlib import Path
 
 from zimage.errors import ModelFolderError
 from zimage.weights.layout import MODEL_INDEX, SCHEDULER_CONFIG, TOKENIZER_DIR, TOKENIZER_FILE_SETS
-from zimage.weights.networks import BUILDERS, MetaNetwork
+from zimage.weights.networks import BUILDERS, OPTIONAL_BUILDERS, MetaNetwork
 from zimage.weights.safetensors_files import DTYPES, TensorInfo, read_component_headers
 
 
@@ -34,9 +34,11 @@ def check_small_parts(folder: Path) -> None:
 
 
 def check_network(folder: Path, name: str) -> CheckedNetwork:
-    """Build `name` on the meta device and match the checkpoint against it, strictly."""
-    network = BUILDERS[name](folder)
-    headers = read_component_headers(folder / network.component.name, network.component.weights_stem)
+    """Build `name` (a key of BUILDERS or OPTIONAL_BUILDERS) on the meta device and match the checkpoint against it,
+    strictly."""
+    network = {**BUILDERS, **OPTIONAL_BUILDERS}[name](folder)
+    part = network.component.name  # the sub-folder ("vae" for both VAE halves)
+    headers = read_component_headers(folder / part, network.component.weights_stem)
     expected = {k: tuple(v.shape) for k, v in network.module.state_dict().items()}
     tensors: dict[str, tuple[str, TensorInfo]] = {}
     unexpected = []
@@ -49,17 +51,17 @@ def check_network(folder: Path, name: str) -> CheckedNetwork:
             continue
         if info.shape != expected[target]:
             raise ModelFolderError(
-                f"{info.file}: tensor {stored_name!r} has shape {list(info.shape)} but {name}/config.json implies "
+                f"{info.file}: tensor {stored_name!r} has shape {list(info.shape)} but {part}/config.json implies "
                 f"{list(expected[target])} (a config from another model?)"
             )
         tensors[target] = (stored_name, info)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelFolderError(f"{folder / name} lacks {len(missing)} tensors the network needs: {shown}")
+        raise ModelFolderError(f"{folder / part} lacks {len(missing)} tensors the network needs: {shown}")
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-        raise ModelFolderError(f"{folder / name} has {len(unexpected)} tensors the network does not know: {shown}")
+        raise ModelFolderError(f"{folder / part} has {len(unexpected)} tensors the network does not know: {shown}")
     nbytes = sum(DTYPES.get(t.dtype, ("", 4))[1] * math.prod(t.shape) for _, t in tensors.values())
     return CheckedNetwork(network, tensors, nbytes)
 

@@ -8,6 +8,9 @@ to fp32 rounding, tested against them): importing those libraries costs more tha
   `hidden_states[-2]`, the input of the last layer, so the last layer and the final norm are never computed (and
   their ~1/36 of the bytes never read).
 - VAE: `VAEDecoder` (diffusers' `AutoencoderKL`, decoder only): text-to-image never encodes an image.
+- VAE encoder: `VAEEncoder` (the `encoder.*` / `quant_conv.*` tensors of the same vae/ folder), only for image
+  inputs (img2img, inpainting). It is in OPTIONAL_BUILDERS, not BUILDERS: checking and loading a folder for
+  text-to-image never reads it.
 """
 
 from __future__ import annotations
@@ -98,4 +101,19 @@ def build_vae_decoder(folder: Path) -> MetaNetwork:
     return MetaNetwork(VAE, module, rename, config)
 
 
+def build_vae_encoder(folder: Path) -> MetaNetwork:
+    from zimage.models.vae import VAEEncoder
+
+    config = _read_config(folder, VAE)
+    module = _construct(folder, VAE, lambda: VAEEncoder(config))
+
+    def rename(name: str) -> str | None:
+        return name if name.startswith(("encoder.", "quant_conv.")) else None
+
+    return MetaNetwork(VAE, module, rename, config)
+
+
+# What text-to-image checks and loads (zimage.weights.check.check_model_folder iterates this).
 BUILDERS = {"transformer": build_transformer, "text_encoder": build_text_encoder, "vae": build_vae_decoder}
+# Networks built only when a request needs them; check_network(folder, name) accepts these names too.
+OPTIONAL_BUILDERS = {"vae_encoder": build_vae_encoder}
