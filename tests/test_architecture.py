@@ -21,7 +21,7 @@ ALLOWED = {
     "memory": {"models", "errors", "request", "sizes", "version"},
     "speed": {"models", "memory", "weights", "errors", "request", "sizes", "version"},
     "engine": {"models", "weights", "memory", "speed", "io", "errors", "request", "sizes", "version"},
-    "io": {"errors", "version"},
+    "io": {"errors", "version", "sizes"},
     "errors": set(),
     "request": {"errors", "sizes"},
     "sizes": {"errors"},

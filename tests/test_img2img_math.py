@@ -1,6 +1,6 @@
 """zimage.engine.img2img against diffusers' ZImageImg2ImgPipeline / ZImageInpaintPipeline (0.42.1): the schedule cut
 by strength, the draws and the noised start, the latent mask, and end to end a parity harness that runs img2img and
-inpainting from zimage's own modules only (weights loading, text encoder, FastTransformer, VAE encoder and decoder,
+inpainting from zimage's own modules only (weights loading, text encoder, transformer, VAE encoder and decoder,
 sampling.euler_step and the functions under test) on the tiny model and compares latents and pixels with the
 reference pipelines on the same folder, fp32 on the CPU.
 
@@ -108,7 +108,6 @@ def ours(tiny_folder):
     """zimage's networks loaded from the tiny folder as the runtime loads them (check, meta build, strict load)."""
     from zimage.engine.text import PromptEncoder
     from zimage.models.tokenizer import PromptTokenizer
-    from zimage.speed.fast_transformer import FastTransformer
     from zimage.weights.check import check_model_folder, check_network
     from zimage.weights.load import load_network
 
@@ -117,7 +116,7 @@ def ours(tiny_folder):
     tokenizer = PromptTokenizer.from_folder(tiny_folder / "tokenizer")
     return SimpleNamespace(
         prompts=PromptEncoder(tokenizer, load(checked["text_encoder"]), "cpu"),
-        fast=FastTransformer(load(checked["transformer"])),
+        transformer=load(checked["transformer"]),
         decoder=load(checked["vae"]),
         encoder=load(check_network(tiny_folder, "vae_encoder")),
         scheduler=FlowMatchConfig.from_file(tiny_folder / "scheduler" / "scheduler_config.json"),
@@ -142,10 +141,10 @@ def run_zimage(ours, prompt: str, image: Image.Image, seeds: list[int], steps: i
         captions = ours.prompts.encode([prompt] * batch)
         if guidance > 0:
             captions = captions + ours.prompts.encode([negative] * batch)
-        ctx = ours.fast.prepare(captions, latents.shape[2], latents.shape[3])
+        ctx = ours.transformer.prepare(captions, latents.shape[2], latents.shape[3])
         for i in range(start, schedule.steps):
             x = torch.cat([latents, latents]) if guidance > 0 else latents
-            velocity = ours.fast.forward(x, schedule.timesteps[i].expand(x.shape[0]), ctx).float()
+            velocity = ours.transformer(x, schedule.timesteps[i].expand(x.shape[0]), ctx).float()
             if guidance > 0:
                 velocity = cfg_combine(velocity[:batch], velocity[batch:], guidance)
             latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])

@@ -77,6 +77,13 @@ class FP8Linear(nn.Module):
         out.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         return out
 
+    @torch.no_grad()
+    def set_rows(self, rows: slice, weight: torch.Tensor) -> None:
+        """Rows `rows` of the weight <- `weight` (n, in) any float dtype, quantised as at load (a merged LoRA)."""
+        w8, scale = _quantize_rows(weight.to(self.weight.device))
+        self.weight[rows] = w8
+        self.scale[rows] = scale
+
     def dequantized(self) -> torch.Tensor:
         """The weight (out, in) in the compute dtype, as forward(matmul=False) uses it."""
         return self.weight.to(self.compute_dtype) * self.scale.to(self.compute_dtype)

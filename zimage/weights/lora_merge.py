@@ -73,14 +73,9 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 def add_delta(target: Target, delta: torch.Tensor) -> None:
     """weight[rows] <- round(weight[rows] + delta) with delta (out, in) fp32; fp8 rows re-quantised."""
     module = target.module
-    if module.weight.dtype == torch.float8_e4m3fn:  # zimage.speed.fp8.FP8Linear
-        from zimage.speed.fp8 import _quantize_rows
-
+    if hasattr(module, "set_rows"):  # zimage.speed.fp8.FP8Linear: dequantise, add, quantise again
         rows = target.rows
-        current = module.weight[rows].float() * module.scale[rows]
-        w8, scale = _quantize_rows(current + delta.to(current.device))
-        module.weight[rows] = w8
-        module.scale[rows] = scale
+        module.set_rows(rows, module.weight[rows].float() * module.scale[rows] + delta.to(module.weight.device))
         return
     w = module.weight[target.rows]
     w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
@@ -90,12 +85,8 @@ def add_delta(target: Target, delta: torch.Tensor) -> None:
 def set_weight(target: Target, weight: torch.Tensor) -> None:
     """weight[rows] <- `weight` (out, in) as loaded (compute dtype); fp8 rows quantised as at load."""
     module = target.module
-    if module.weight.dtype == torch.float8_e4m3fn:
-        from zimage.speed.fp8 import _quantize_rows
-
-        w8, scale = _quantize_rows(weight.to(module.weight.device))
-        module.weight[target.rows] = w8
-        module.scale[target.rows] = scale
+    if hasattr(module, "set_rows"):  # zimage.speed.fp8.FP8Linear
+        module.set_rows(target.rows, weight)
         return
     module.weight[target.rows] = weight.to(module.weight.device, module.weight.dtype)
 
