@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from zimage.weights.lora.model import LoraFactor, LoraFile
+from zimage.weights.lora.model import NETWORKS, LoraFactor, LoraFile
 
 # Leaf order within a block, as the model defines them (so that "to_q/to_k/to_v/to_out.0" reads naturally).
 _LEAF_ORDER = (
@@ -30,12 +30,19 @@ def describe(lora: LoraFile) -> dict:
     if trainer:
         out["trainer"] = trainer
     if lora.peft_config is not None:
-        out["peft_config"] = {k: lora.peft_config[k] for k in ("r", "lora_alpha", "use_rslora", "rank_pattern",
-                                                                "alpha_pattern", "base_model_name_or_path")
-                              if k in lora.peft_config}
+        out["peft_config"] = _peft_summary(lora.peft_config)
     if lora.notes:
         out["notes"] = list(lora.notes)
     return out
+
+
+def _peft_summary(config: dict) -> dict:
+    """The scaling-relevant entries; per network for diffusers' component-prefixed lora_adapter_metadata."""
+    keep = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "base_model_name_or_path")
+    nets = {k.split(".", 1)[0] for k in config if "." in k and k.split(".", 1)[0] in NETWORKS}
+    if not nets:
+        return {k: config[k] for k in keep if k in config}
+    return {net: {k: config[f"{net}.{k}"] for k in keep if f"{net}.{k}" in config} for net in sorted(nets)}
 
 
 def _network(factors: dict[str, LoraFactor]) -> dict:

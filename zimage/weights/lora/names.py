@@ -68,18 +68,22 @@ UNSUPPORTED = (
     (r"\.lora_embedding_[AB]", "is a LoRA on an embedding: not supported (Z-Image LoRAs target linear layers)"),
 )
 
-# Other models' LoRAs, recognised by module names Z-Image does not have: (regex on the key, model).
-OTHER_MODELS = (
+# Other models' LoRAs, recognised by module names Z-Image does not have. Checked in this order: names only one model
+# family has first, then the Stable Diffusion UNet (whose blocks also hold transformer_blocks.N.ff), then the looser
+# MMDiT / Wan / Lumina names, last a CLIP text encoder alone (SD, SDXL and Flux LoRAs all carry one).
+_DISTINCT_MODELS = (
     (r"(^|[._])(img_mlp|txt_mlp|img_mod|txt_mod)([._]|$)", "Qwen-Image"),
     (r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d", "Flux"),
+    (r"(^|[._])joint_blocks[._]\d", "Stable Diffusion 3"),
+)
+_UNET = r"(^|[._])(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)([._]|$)"
+_SDXL = r"lora_te2_|(^|\.)text_encoder_2\.|(^|\.)conditioner\.embedders|transformer_blocks[._][1-9]|add_embedding"
+_LOOSE_MODELS = (
     (r"(^|[._])transformer_blocks[._]\d+[._](attn|ff|ff_context|norm1|norm1_context)[._]",
      "Flux (or another MMDiT model such as SD3)"),
-    (r"(^|[._])joint_blocks[._]\d", "Stable Diffusion 3"),
-    (r"lora_te2_|(^|\.)text_encoder_2\.|(^|\.)conditioner\.embedders", "SDXL"),
-    (r"(^|[._])(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)([._]|$)"
-     r"|lora_te1?_text_model|(^|[._])text_model[._]encoder", "Stable Diffusion (SD 1.x/2.x or SDXL)"),
     (r"(^|[._])blocks[._]\d+[._](self_attn|cross_attn)[._]", "Wan"),
     (r"(^|[._])layers[._]\d+[._](attn[._]to_|feed_forward[._]linear_)", "Lumina-Image 2.0"),
+    (r"lora_te1?_text_model|(^|[._])text_model[._]encoder", "Stable Diffusion, SDXL or Flux (a CLIP text encoder)"),
 )
 
 # Transformer module names. Per block (layers.N, noise_refiner.N, context_refiner.N): name as written -> (zimage
@@ -228,8 +232,15 @@ def _text_encoder_module(body: str, written: str):
 
 def other_model(keys) -> tuple[str, str] | None:
     """(model, first key that shows it) when the keys belong to another model's LoRA, else None."""
-    for pattern, model in OTHER_MODELS:
-        for key in keys:
-            if re.search(pattern, key):
-                return model, key
+    def first(pattern):
+        return next((k for k in keys if re.search(pattern, k)), None)
+
+    for pattern, model in _DISTINCT_MODELS:
+        if key := first(pattern):
+            return model, key
+    if key := first(_UNET):
+        return ("SDXL" if first(_SDXL) else "Stable Diffusion (SD 1.x/2.x, or SDXL: a UNet)"), key
+    for pattern, model in _LOOSE_MODELS:
+        if key := first(pattern):
+            return model, key
     return None
