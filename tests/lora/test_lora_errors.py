@@ -127,7 +127,8 @@ def test_lycoris_and_lora_extensions_are_not_supported(tmp_path, key, phrase):
     (["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff_net_2",
       "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"], "SDXL", "down_blocks"),
     (["lora_unet_input_blocks_4_1_proj_in"], "Stable Diffusion (SD 1.x/2.x, or SDXL", "input_blocks"),
-    (["lora_te1_text_model_encoder_layers_0_mlp_fc1"], "Stable Diffusion, SDXL or Flux (a CLIP text encoder)", "text_model"),
+    (["lora_te1_text_model_encoder_layers_0_mlp_fc1"], "Stable Diffusion, SDXL or Flux (a CLIP text encoder)",
+     "text_model"),
     (["transformer.transformer_blocks.0.img_mlp.net.0.proj"], "Qwen-Image", "img_mlp"),
 ])
 def test_a_lora_for_another_model(tmp_path, keys, model, shown_by):

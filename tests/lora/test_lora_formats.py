@@ -31,7 +31,8 @@ def test_a_peft_made_diffusers_file_reads_as_diffusers_and_peft_apply_it(peft_lo
     assert_same_deltas(ours(lora), peft)
     assert_same_deltas(ours(lora), diffusers_deltas(tiny_folder, path))
     # the header's lora_adapter_metadata is what scales it: lora_alpha / r, with the patterns
-    assert lora.transformer["layers.0.attention.to_q"].scale == 4.0 and lora.transformer["layers.0.attention.to_q"].rank == 2
+    to_q = lora.transformer["layers.0.attention.to_q"]
+    assert (to_q.scale, to_q.rank) == (4.0, 2)
     assert lora.transformer["layers.1.feed_forward.w2"].scale == 0.75
     assert lora.transformer["layers.1.feed_forward.w1"].scale == 2.0
     validate(lora, transformer_shapes)
@@ -191,7 +192,8 @@ def test_duplicated_modules_as_anime_z_files_carry_them_are_used_once(tmp_path, 
         parts = [factors[f"{block}.attention.to_{p}"] for p in "qkv"]
         fused_down = torch.cat([f.down for f in parts])
         t[f"{block}.attention.qkv.lora.down.weight"] = fused_down
-        t[f"{block}.attention.qkv.lora.up.weight"] = torch.block_diag(*[f.up * f.alpha / f.down.shape[0] for f in parts])
+        ups = [f.up * f.alpha / f.down.shape[0] for f in parts]  # each part's scale folded: fused alpha = rank
+        t[f"{block}.attention.qkv.lora.up.weight"] = torch.block_diag(*ups)
         t[f"{block}.attention.qkv.alpha"] = torch.tensor(float(fused_down.shape[0]))
         out = factors[f"{block}.attention.to_out.0"]
         t[f"{block}.attention.out.lora.down.weight"], t[f"{block}.attention.out.lora.up.weight"] = out.down, out.up

@@ -117,6 +117,9 @@ def _normalise(path, tensors: dict[str, torch.Tensor], scalings: dict[str | None
             raise LoraError(path, f"has a LoRA {have} weight but no {miss} weight for the same module", roles[have].key)
         d, u = roles["down"], roles["up"]
         down, up = _matrix(path, d.key, tensors[d.key], "down"), _matrix(path, u.key, tensors[u.key], "up")
+        if down.shape[0] == 0:
+            raise LoraError(path, f"has rank 0 (shape {tuple(down.shape)}): a LoRA down weight is (rank >= 1, in)",
+                            d.key)
         if down.shape[0] != up.shape[1]:
             raise LoraError(path, f"rank mismatch: down {tuple(down.shape)} has rank {down.shape[0]} but up "
                                   f"{tuple(up.shape)} ({u.key}) has rank {up.shape[1]}; expected down (rank, in) "
@@ -126,7 +129,7 @@ def _normalise(path, tensors: dict[str, torch.Tensor], scalings: dict[str | None
         used_alphas.update(alpha_keys)
         if d.fused_qkv:
             block = d.module[: -len(".attention.qkv")]
-            for i, (proj, fdown, fup, source) in enumerate(_split_qkv(path, d.key, down, up)):
+            for proj, fdown, fup, source in _split_qkv(path, d.key, down, up):
                 candidates.setdefault((d.network, f"{block}.attention.{proj}"), []).append(
                     (2, LoraFactor(fdown, fup, scale, d.key, alpha, source)))
         else:
