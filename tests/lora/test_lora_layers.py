@@ -1,4 +1,4 @@
-"""Runtime LoRA layers (zimage.models.lora) and in-place merging (zimage.weights.lora_merge), on CPU in fp32."""
+"""Runtime LoRA layers (zimage.models.lora) and in-place merging (zimage.weights.lora.merge), on CPU in fp32."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Merged LoRA in place (zimage.weights.lora_merge): unfused, fused and fp8-stored weights get W + delta, and the
+"""Merged LoRA in place (zimage.weights.lora.merge): unfused, fused and fp8-stored weights get W + delta, and the
 restore from the checkpoint gives back the loaded weights bit for bit (also in bf16)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zimage.weights import lora_merge
+from zimage.weights.lora import merge as lora_merge
 
 NAMES = ["layers.0.attention.to_k", "layers.1.feed_forward.w3", "noise_refiner.0.adaLN_modulation.0",
          "context_refiner.0.attention.to_out.0"]

@@ -187,7 +187,7 @@ def build_engine(config: EngineConfig):
     log.debug("memory plan: %s", plan.describe())
     networks = read(config, target, location, checked, plan)
     transforms = transform_weights(networks, target, plan)
-    engine = Engine(config, location, target, networks, sizes)
+    engine = Engine(config, location, target, networks, sizes, checked)
     engine.place(plan)
     engine.load_seconds = time.perf_counter() - t0
     log.info("loaded %s from %s in %.1fs (%s, %s, plan %s, speed %s%s)", location.model_id, location.path,

@@ -33,14 +33,17 @@ class Conditioning:
 class Engine:
     """A loaded model: `Engine.load(config)` builds one (zimage.engine.build), `generate` runs it."""
 
-    def __init__(self, config: EngineConfig, location, target, networks, sizes):
+    def __init__(self, config: EngineConfig, location, target, networks, sizes, checked: dict):
         self.config = config
         self.location = location  # zimage.weights.locate.ModelLocation
+        self.target = target  # zimage.engine.build.Target: device, dtype, the VAE's dtype
         self.device = target.device
         self.dtype = target.dtype
+        self.checked = checked  # {network: zimage.weights.check.CheckedNetwork}: where each tensor is stored
         self.transformer = networks.transformer  # zimage.models.z_image.ZImageTransformer
         self.text_encoder = networks.text_encoder  # the plain module the memory policy places
         self.vae = networks.vae
+        self.vae_encoder = None  # loaded by image_encoder() on the first image input
         self.prompts = networks.prompts  # zimage.engine.text.PromptEncoder (tokenizer + text encoder + cache)
         self.scheduler = networks.scheduler
         self.sizes = sizes  # zimage.memory.sizes.ModelSizes: what plans are made from (also when re-planning)
@@ -69,7 +72,32 @@ class Engine:
     def parts(self):
         from zimage.memory.policy import Parts
 
-        return Parts(self.transformer, self.text_encoder, self.vae, self.device)
+        return Parts(self.transformer, self.text_encoder, self.vae, self.device, self.vae_encoder)
+
+    def replan(self):
+        """The plan for the networks as they are now (an encoder loaded, say), within the budget the engine was
+        planned for (not what is free now: the engine's own weights take that), at the default image size."""
+        from zimage.engine.build import PLAN_BATCH, PLAN_HEIGHT, PLAN_WIDTH
+        from zimage.memory.select import plan_for
+
+        budget = self.policy.plan.budget_bytes if self.device.type == "cuda" else None
+        return plan_for(self.sizes, budget, PLAN_WIDTH, PLAN_HEIGHT, PLAN_BATCH, self.config.fp8)
+
+    def image_encoder(self):
+        """The VAE encoder, loaded at the first image input (text-to-image never reads it): checked, read, then the
+        engine is re-planned with it counted and re-placed (Engine.place)."""
+        if self.vae_encoder is None:
+            from zimage.memory.sizes import with_vae_encoder
+            from zimage.weights.check import check_network
+            from zimage.weights.load import load_network
+
+            checked = check_network(self.location.path, "vae_encoder")
+            self.vae_encoder = load_network(checked, self.device, self.target.vae_dtype)
+            self.checked["vae_encoder"] = checked
+            self.sizes = with_vae_encoder(self.sizes, checked)
+            self.place(self.replan())
+            log.info("VAE encoder loaded (%.0f MB); memory plan now %s", checked.nbytes / 1e6, self.policy.describe())
+        return self.vae_encoder
 
     # ---------------------------------------------------------------- placement
     def place(self, plan) -> None:
@@ -122,7 +150,7 @@ class Engine:
         return initial_noise(seeds, self.transformer.in_channels, shape.height, shape.width, self.device)
 
     def denoise(self, cond: Conditioning, latents, shape: GenerateRequest, on_progress=None, alive=None,
-                start: int = 0):
+                start: int = 0, blend=None):
         """Euler steps `start`..N-1 of the request's schedule from `latents`; returns float32 latents
         (B, 16, H/8, W/8) of the images still alive, and their indices.
 
@@ -130,7 +158,8 @@ class Engine:
         initial_noise), or an image's latents noised to sigma[start] (img2img). `shape` gives width, height, steps
         and guidance (shared by the batch). `alive()`, if given, is called at each step boundary and returns a bool
         per image still wanted: dropped images leave the batch there (their rows are cut from the latents and
-        captions), so a cancelled request stops costing compute at once.
+        captions), so a cancelled request stops costing compute at once. `blend(latents, sigma_next)`, if given,
+        runs after each Euler step (inpainting: zimage.engine.start.Inpaint) and has a `rows(kept)`.
         """
         import torch
 
@@ -152,6 +181,7 @@ class Engine:
                     if len(keep) < len(index):
                         rows = [index.index(k) for k in keep]
                         latents = latents[rows]
+                        blend = blend.rows(rows) if blend is not None else None
                         positive = [positive[r] for r in rows]
                         negative = [negative[r] for r in rows] if negative else []
                         index = keep
@@ -168,6 +198,8 @@ class Engine:
                 if shape.cfg:
                     velocity = cfg_combine(velocity[:batch], velocity[batch:], shape.guidance)
                 latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])
+                if blend is not None:
+                    latents = blend(latents, schedule.sigmas[i + 1])
                 if bar:
                     bar.update()
                 if on_progress is not None:
@@ -216,8 +248,9 @@ class Engine:
 
         first = requests[0]
         for r in requests[1:]:
-            if (r.width, r.height, r.steps, r.guidance) != (first.width, first.height, first.steps, first.guidance):
-                raise UsageError("requests batched together must share width, height, steps and guidance")
+            if r.batch_key() != first.batch_key():
+                raise UsageError("requests batched together must share width, height, steps, guidance and, with an "
+                                 "input image, strength and whether a mask is given")
         owner = [j for j, r in enumerate(requests) for _ in range(r.num_images)]  # request of each image
         seeds = [s for r in requests for s in r.image_seeds()]
         alive = None
@@ -232,10 +265,21 @@ class Engine:
         timings["encode"] = self._lap(t0)
         if on_progress:
             on_progress(Progress("encode", 1, 1))
-        latents, index = self.denoise(cond, self.noise(seeds, first), first, on_progress, alive)
-        timings["denoise"] = self._lap(t0) - timings["encode"]
+        if first.image is not None:
+            from zimage.engine.start import image_start
+
+            encoder = self.image_encoder()  # loaded and planned for at the first image input
+            self.policy.enter("encode_image")
+            start = image_start(encoder, requests, self.scheduler, self.device, self.policy.plan.tiled_decode)
+            timings["encode_image"] = self._lap(t0) - timings["encode"]
+        else:
+            from zimage.engine.start import Start
+
+            start = Start(self.noise(seeds, first), 0)
+        latents, index = self.denoise(cond, start.latents, first, on_progress, alive, start.step, start.blend)
+        timings["denoise"] = self._lap(t0) - timings["encode"] - timings.get("encode_image", 0.0)
         images = to_pil(self.decode(latents)) if index else []
-        timings["decode"] = self._lap(t0) - timings["encode"] - timings["denoise"]
+        timings["decode"] = self._lap(t0) - sum(timings.values())
         timings["total"] = time.perf_counter() - t0
         if on_progress:
             on_progress(Progress("decode", 1, 1))

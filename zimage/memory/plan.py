@@ -27,6 +27,7 @@ class MemoryPlan:
     width: int = 1024  # the image size and batch (rows through the transformer) it was chosen for
     height: int = 1024
     batch: int = 1
+    image_encoder: bool = False  # the VAE encoder is loaded (an image input was used) and counted
 
     @property
     def kind(self) -> str:
@@ -54,6 +55,8 @@ class MemoryPlan:
                          f" blocks resident, {self.transformer_streamed} streamed")
         if self.text_offloaded:
             parts.append(f"text encoder {self.text_resident_layers}/{self.text_layers} layers resident")
+        if self.image_encoder:
+            parts.append("VAE encoder resident")
         parts.append(f"predicted peak {self.peak_bytes / GIB:.1f} GiB of {self.budget_bytes / GIB:.1f} GiB "
                      f"at {self.width}x{self.height}")
         if self.moved_per_image or self.moved_per_new_prompt:

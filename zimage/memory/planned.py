@@ -57,15 +57,17 @@ class PlannedPolicy:
             self._embed_hooks = _embed_on_host(te.embed_tokens, device)
         else:
             _move_except(te, [], device)
-        parts.vae.to(device)
-        if self.plan.tiled_decode:
-            _set_tiles(parts.vae, TILE_PX)
+        for vae in (parts.vae, parts.vae_encoder):
+            if vae is not None:
+                vae.to(device)
+                if self.plan.tiled_decode:  # the encoder tiles like the decoder (VAEEncoder.tiled_encode)
+                    _set_tiles(vae, TILE_PX)
         _empty_cache(device)
 
     def enter(self, phase: str) -> None:
-        if phase == "denoise" and self.text_streamer is not None:
+        if phase in ("encode_image", "denoise") and self.text_streamer is not None:
             self.text_streamer.release()
-        if phase in ("decode", "encode") and self.transformer_streamer is not None:
+        if phase in ("decode", "encode", "encode_image") and self.transformer_streamer is not None:
             self.transformer_streamer.release()
 
     def remove(self) -> None:

@@ -2,9 +2,10 @@
 
 Per phase, GPU bytes = resident weights + streaming buffers of that phase + that phase's activations:
     encode  (only for a prompt not in the cache) = W + 2 text layers (buffers) + text activations
+    encode_image (img2img / inpainting only) = W + VAE encoder activations (full image, or one 512-px tile)
     denoise = W + 2 transformer blocks (buffers) + transformer activations
     decode  = W + VAE activations (full image, or one 512-px tile)
-where W = resident transformer + resident text encoder + VAE. A plan fits when its peak plus a headroom (allocator
+where W = resident transformer + resident text encoder + VAE (+ its encoder, once loaded). A plan fits when its peak plus a headroom (allocator
 fragmentation, cuBLAS workspaces) is within the budget.
 
 Cost model, used only to rank plans that fit: seconds added per image = transformer bytes streamed per image / bus
@@ -64,17 +65,19 @@ def make_plan(s: ModelSizes, budget: int, width: int, height: int, batch: int, s
     te_gpu = (te.rest - (s.text_embeddings if text_offloaded else 0)) + sum(
         b for i, b in enumerate(te.blocks) if i not in text_on_host)
     te_moved = sum(te.blocks[i] for i in text_on_host)
-    weights = tr_gpu + te_gpu + s.vae.total
+    weights = tr_gpu + te_gpu + s.vae.total + (s.vae_encoder.total if s.vae_encoder else 0)
     encode = weights + (STREAM_BUFFERS * te.block if text_on_host else 0) + text_activations(s, batch)
     denoise = weights + (STREAM_BUFFERS * max(blocks) if on_host else 0) + transformer_activations(s, width, height, batch)
     decode = weights + vae_activations(width, height, tiled, s.dtype_bytes)
     phases = (("encode", encode), ("denoise", denoise), ("decode", decode))
+    if s.vae_encoder:  # the encoder's activations: at most the decoder's (the same blocks, mirrored), one image
+        phases = (("encode", encode), ("encode_image", decode), ("denoise", denoise), ("decode", decode))
     return MemoryPlan(
         transformer_blocks=len(blocks), transformer_streamed=streamed, text_layers=len(te.blocks),
         text_resident_layers=text_resident, text_offloaded=text_offloaded, weight_dtype="fp8" if fp8 else "bf16",
         tiled_decode=tiled, peak_bytes=max(b for _, b in phases), phase_peaks=phases,
         moved_per_image=tr_moved * STEPS, moved_per_new_prompt=te_moved, budget_bytes=budget,
-        width=width, height=height, batch=batch,
+        width=width, height=height, batch=batch, image_encoder=s.vae_encoder is not None,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PHASES = ("encode", "denoise", "decode")
+PHASES = ("encode", "encode_image", "denoise", "decode")  # encode_image: img2img and inpainting only
 
 
 @dataclass
@@ -20,6 +20,7 @@ class Parts:
     text_encoder: object
     vae: object
     device: object  # torch.device where compute runs
+    vae_encoder: object = None  # loaded on the first image input (img2img, inpainting); always on the device
 
 
 def on_device(module, device) -> bool:

@@ -47,6 +47,7 @@ class ModelSizes:
     text_ffn: int  # text encoder feed-forward width (9728)
     max_text_tokens: int = 512
     dtype_bytes: int = 2  # bytes per element of the compute dtype
+    vae_encoder: NetworkSizes | None = None  # the VAE's encoder, once an image input made the engine load it
 
 
 def network_sizes(shapes: dict, dtype_bytes: int) -> NetworkSizes:
@@ -88,6 +89,16 @@ def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype_b
         max_text_tokens=max_text_tokens,
         dtype_bytes=dtype_bytes,
     )
+
+
+def with_vae_encoder(sizes: ModelSizes, checked_encoder) -> ModelSizes:
+    """`sizes` plus the VAE encoder (a CheckedNetwork of zimage.weights.networks.build_vae_encoder): every plan made
+    from the result keeps the encoder resident and has an image-encoding phase."""
+    from dataclasses import replace
+
+    shapes = {t: info.shape for t, (_, info) in checked_encoder.tensors.items()}
+    enc = network_sizes(shapes, sizes.dtype_bytes)
+    return replace(sizes, vae_encoder=NetworkSizes((), enc.total, (), enc.total))
 
 
 def model_sizes(checked: dict, dtype_bytes: int = 2, max_text_tokens: int = 512) -> ModelSizes:

@@ -147,7 +147,7 @@ def _check_materialized(module) -> None:
 
 def read_original(checked: CheckedNetwork, names, dtype) -> dict:
     """{module tensor name: tensor} of `names` (e.g. 'layers.3.attention.to_k.weight') read again from the checkpoint
-    into host memory and cast to `dtype` as at load: what undoing a merged LoRA puts back (zimage.weights.lora_merge)."""
+    into host memory and cast to `dtype` as at load: what undoing a merged LoRA puts back (zimage.weights.lora.merge)."""
     from safetensors import safe_open
 
     by_file: dict[Path, list[tuple[str, str]]] = defaultdict(list)

@@ -10,7 +10,8 @@ Imports only torch and safetensors: the runtime never imports diffusers, transfo
 from zimage.weights.lora.describe import describe, group_targets
 from zimage.weights.lora.model import NETWORKS, TEXT_ENCODER, TRANSFORMER, LoraError, LoraFactor, LoraFile
 from zimage.weights.lora.read import read_lora
-from zimage.weights.lora.validate import linear_shapes, validate
+from zimage.weights.lora.merge import linear_shapes
+from zimage.weights.lora.validate import validate
 
 __all__ = [
     "NETWORKS", "TEXT_ENCODER", "TRANSFORMER", "LoraError", "LoraFactor", "LoraFile", "describe", "group_targets",

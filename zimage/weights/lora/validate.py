@@ -8,16 +8,8 @@ update has the module's weight shape (a LoRA for a model of another size).
 
 from __future__ import annotations
 
-from torch import nn
-
 from zimage.weights.lora.model import TRANSFORMER, LoraError, LoraFile
 from zimage.weights.lora.names import EXPECTED, NETWORK_WORDS
-
-
-def linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:
-    """{name: (out, in)} of every nn.Linear in `module` (works on the meta device: reads no data). Take it before
-    zimage.speed.fuse replaces to_q/to_k/to_v by one to_qkv."""
-    return {name: (m.out_features, m.in_features) for name, m in module.named_modules() if isinstance(m, nn.Linear)}
 
 
 def validate(lora: LoraFile, shapes: dict[str, tuple[int, int]], *, network: str = TRANSFORMER) -> None:
