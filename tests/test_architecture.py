@@ -2,7 +2,8 @@
 
 Every `import zimage.X` / `from zimage.X import ...` in the package, at module level or inside a function (zimage
 imports lazily, so both count), is checked against the layer of the importing package. The shared data modules at
-the root (errors, request, sizes, version, io) may be imported from anywhere except models, and import no layer.
+the root (errors, request, lora_spec, sizes, version) and io may be imported from the layers that list them, and
+import no layer.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ ALLOWED = {
     "weights": {"models", "errors", "request", "sizes", "version"},
     "memory": {"models", "errors", "request", "sizes", "version"},
     "speed": {"models", "memory", "weights", "errors", "request", "sizes", "version"},
-    "engine": {"models", "weights", "memory", "speed", "io", "errors", "request", "sizes", "version"},
+    "engine": {"models", "weights", "memory", "speed", "io", "errors", "request", "sizes", "version", "lora_spec"},
     "io": {"errors", "version", "sizes"},
     "errors": set(),
-    "request": {"errors", "sizes"},
+    "lora_spec": {"errors"},
+    "request": {"errors", "sizes", "lora_spec", "io"},
     "sizes": {"errors"},
     "version": set(),
 }

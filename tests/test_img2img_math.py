@@ -123,34 +123,29 @@ def ours(tiny_folder):
     )
 
 
-def run_zimage(ours, prompt: str, image: Image.Image, seeds: list[int], steps: int, strength: float,
+@pytest.fixture(scope="module")
+def image_engine(tiny_folder):
+    """An fp32 CPU engine of its own: the first image input loads the VAE encoder and re-plans it."""
+    from zimage.engine.engine import Engine
+
+    return Engine.load(model=str(tiny_folder), device="cpu", dtype="fp32", speed="eager")
+
+
+def run_zimage(engine, prompt: str, image: Image.Image, seeds: list[int], steps: int, strength: float,
                mask: Image.Image | None = None, guidance: float = 0.0, negative: str = ""):
-    """img2img (mask None) or inpainting from zimage's modules: -> (latents (B, 16, h, w), pixels (B, 3, H, W) [0, 1]).
+    """img2img (mask None) or inpainting through the engine, phase by phase as Engine.generate runs them:
+    -> (latents (B, 16, h, w), pixels (B, 3, H, W) [0, 1]). `seeds` are consecutive (image i: seeds[0] + i)."""
+    from zimage.engine.start import image_start
+    from zimage.request import GenerateRequest
 
-    The loop the engine will run: schedule cut by strength, start from the picture, Euler steps from t_start,
-    and for inpainting the blend after each step."""
-    from zimage.engine.decode import decode_latents
-
-    batch = len(seeds)
-    schedule, start = img2img_schedule(ours.scheduler, steps, strength, "cpu")
-    pixels = image_to_tensor(image)  # (1, 3, H, W) in [-1, 1]
-    begin = prepare_start(ours.encoder, pixels, seeds, schedule.sigmas[start])
-    latents = begin.latents  # (B, 16, h, w)
-    m = None if mask is None else latent_mask(mask_to_tensor(mask), latents.shape[2:])
-    with torch.inference_mode():
-        captions = ours.prompts.encode([prompt] * batch)
-        if guidance > 0:
-            captions = captions + ours.prompts.encode([negative] * batch)
-        ctx = ours.transformer.prepare(captions, latents.shape[2], latents.shape[3])
-        for i in range(start, schedule.steps):
-            x = torch.cat([latents, latents]) if guidance > 0 else latents
-            velocity = ours.transformer(x, schedule.timesteps[i].expand(x.shape[0]), ctx).float()
-            if guidance > 0:
-                velocity = cfg_combine(velocity[:batch], velocity[batch:], guidance)
-            latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])
-            if m is not None:
-                latents = inpaint_blend(latents, begin.image_latents, begin.noise, m, schedule.sigmas[i + 1])
-    return latents, decode_latents(ours.decoder, latents)
+    assert seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+    req = GenerateRequest(prompts=(prompt,), negative_prompt=negative, steps=steps, guidance=guidance, n=len(seeds),
+                          seed=seeds[0], image=image, mask=mask, strength=strength)
+    cond, _ = engine.encode([req])
+    start = image_start(engine.image_encoder(), [req], engine.scheduler, engine.device, engine.policy.plan.tiled_decode)
+    latents, index = engine.denoise(cond, start.latents, req, start=start.step, blend=start.blend)
+    assert index == list(range(len(seeds)))
+    return latents, engine.decode(latents)
 
 
 def run_reference(pipe, prompt: str, image: Image.Image, seeds: list[int], steps: int, strength: float,
@@ -311,9 +306,9 @@ def test_latent_mask_equals_prepare_mask_latents(ours, pipelines):
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.6, 1.0])
-def test_img2img_parity(ours, pipelines, strength):
+def test_img2img_parity(image_engine, pipelines, strength):
     image = picture()
-    latents, pixels = run_zimage(ours, "a red fox in the snow", image, [42], STEPS, strength)
+    latents, pixels = run_zimage(image_engine, "a red fox in the snow", image, [42], STEPS, strength)
     ref_latents, ref_pixels = run_reference(pipelines.img2img, "a red fox in the snow", image, [42], STEPS, strength)
     assert latents.shape == ref_latents.shape == (1, 16, 32, 32) and latents.abs().max() > 0.5
     assert _max_diff(latents, ref_latents) <= TOL
@@ -321,24 +316,24 @@ def test_img2img_parity(ours, pipelines, strength):
     assert _max_diff(pixels, ref_pixels) <= TOL
 
 
-def test_img2img_parity_batch_cfg_non_square(ours, pipelines):
+def test_img2img_parity_batch_cfg_non_square(image_engine, pipelines):
     """Two images (seeds 7, 8) of a 256x384 picture with CFG: the reference with the picture repeated per image."""
     image = picture(256, 384)
     args = ("portrait of an old man, oil painting", image, [7, 8], STEPS, 0.6)
     cfg = dict(guidance=4.0, negative="blurry, dark")
-    latents, pixels = run_zimage(ours, *args, **cfg)
+    latents, pixels = run_zimage(image_engine, *args, **cfg)
     ref_latents, ref_pixels = run_reference(pipelines.img2img, *args, **cfg)
     assert latents.shape == (2, 16, 48, 32)
     assert _max_diff(latents, ref_latents) <= TOL and _max_diff(pixels, ref_pixels) <= TOL
     assert (latents[0] - latents[1]).abs().max() > 0.1  # different seeds, different images
-    alone, _ = run_zimage(ours, args[0], image, [8], STEPS, 0.6, **cfg)
+    alone, _ = run_zimage(image_engine, args[0], image, [8], STEPS, 0.6, **cfg)
     assert _max_diff(alone[0], latents[1]) <= 1e-5  # image 1 of the batch = seed 8 alone
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
-def test_inpaint_parity(ours, pipelines, strength):
+def test_inpaint_parity(ours, image_engine, pipelines, strength):
     image, mask = picture(), paint_mask()
-    latents, pixels = run_zimage(ours, "a cat", image, [3], STEPS, strength, mask=mask)
+    latents, pixels = run_zimage(image_engine, "a cat", image, [3], STEPS, strength, mask=mask)
     ref_latents, ref_pixels = run_reference(pipelines.inpaint, "a cat", image, [3], STEPS, strength, mask=mask)
     assert _max_diff(latents, ref_latents) <= TOL
     assert _max_diff(pixels, ref_pixels) <= TOL
@@ -349,14 +344,46 @@ def test_inpaint_parity(ours, pipelines, strength):
     assert (latents[..., ~keep] - begin_z[..., ~keep]).abs().max() > 0.1
 
 
-def test_inpaint_parity_outpaint(ours, pipelines):
+def test_inpaint_parity_outpaint(image_engine, pipelines):
     """An outpainted canvas (mask built by outpaint) through the same path."""
     from zimage.io.input_image import outpaint
 
     canvas, built = outpaint(picture(256, 256), 0, 0, 128, 0)
     image, mask = prepare_inputs(canvas, built)
-    latents, pixels = run_zimage(ours, "a beach", image.pixels, [11], STEPS, 1.0, mask=mask.pixels)
+    latents, pixels = run_zimage(image_engine, "a beach", image.pixels, [11], STEPS, 1.0, mask=mask.pixels)
     ref_latents, ref_pixels = run_reference(pipelines.inpaint, "a beach", image.pixels, [11], STEPS, 1.0,
                                             mask=mask.pixels)
     assert latents.shape == (1, 16, 32, 48)
     assert _max_diff(latents, ref_latents) <= TOL and _max_diff(pixels, ref_pixels) <= TOL
+
+
+def test_generate_with_an_image_equals_the_reference_and_records_the_encoder_in_the_plan(image_engine, pipelines):
+    """The whole of Engine.generate (PIL output) with an input picture, against the reference's uint8 pixels."""
+    from zimage.request import GenerateRequest
+
+    image = picture()
+    req = GenerateRequest(prompts=("a red fox in the snow",), steps=STEPS, seed=42, image=image, strength=0.6)
+    got = np.asarray(image_engine.generate(req).images[0].image, dtype=np.int16)
+    _, ref_pixels = run_reference(pipelines.img2img, "a red fox in the snow", image, [42], STEPS, 0.6)
+    ref = (ref_pixels[0].permute(1, 2, 0) * 255).round().numpy().astype(np.int16)
+    assert np.abs(got - ref).max() <= 1
+    plan = image_engine.policy.plan
+    assert plan.image_encoder and "encode_image" in dict(plan.phase_peaks) and image_engine.vae_encoder is not None
+    assert "VAE encoder resident" in plan.describe()
+
+
+def test_image_requests_batch_only_with_their_kind(image_engine):
+    from zimage.errors import UsageError
+    from zimage.request import GenerateRequest
+
+    a = GenerateRequest(prompts=("a",), steps=2, seed=1, image=picture(), strength=0.6)
+    b = GenerateRequest(prompts=("b",), steps=2, seed=2, image=picture(), strength=0.3)
+    c = GenerateRequest(prompts=("c",), steps=2, seed=3, width=256, height=256)
+    for other in (b, c):
+        with pytest.raises(UsageError, match="batched together"):
+            image_engine.generate_many([a, other])
+    two = image_engine.generate_many([a, GenerateRequest(prompts=("b",), steps=2, seed=2, image=picture(),
+                                                          strength=0.6)])
+    alone = image_engine.generate(GenerateRequest(prompts=("b",), steps=2, seed=2, image=picture(), strength=0.6))
+    x, y = (np.asarray(r.images[0].image, dtype=np.int16) for r in (two[1], alone))
+    assert np.abs(x - y).max() <= 1  # each image as it would be alone

@@ -69,10 +69,15 @@ def test_side_limits_are_inclusive():
     assert check_side("width", MIN_SIDE) == MIN_SIDE and check_side("width", MAX_SIDE) == MAX_SIDE
 
 
-@pytest.mark.parametrize("value", [256.0, "256", True, None])
+@pytest.mark.parametrize("value", [256.0, "256", True])
 def test_side_must_be_an_integer(value):
     e = bad(width=value)
     assert e.param == "width" and "must be an integer" in str(e) and repr(value) in str(e)
+
+
+def test_an_unset_side_is_the_default_size_without_an_input_image():
+    r = GenerateRequest(prompts=("a cat",), width=None, height=512)
+    assert (r.width, r.height) == (1024, 512)
 
 
 @pytest.mark.parametrize("steps", [0, -1, -50, MAX_STEPS + 1, 10_000])

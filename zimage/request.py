@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 
 from zimage.errors import UsageError
+from zimage.lora_spec import check_loras
 from zimage.sizes import check_side
 
 # Limits. The CLI, the server and the Python API all enforce these through GenerateRequest.
@@ -21,6 +22,8 @@ MAX_SEED = 2**63 - 1 - MAX_IMAGES_PER_REQUEST  # seed + i must stay a valid 64-b
 DEFAULT_STEPS = 9  # Z-Image-Turbo: 9 sigmas -> 9 transformer forwards (diffusers >= 0.40 schedule)
 DEFAULT_GUIDANCE = 0.0  # Turbo is distilled: no CFG
 DEFAULT_SIZE = 1024
+DEFAULT_IMG2IMG_STRENGTH = 0.6  # diffusers' ZImageImg2ImgPipeline docs example (8 steps -> 5 forwards)
+DEFAULT_INPAINT_STRENGTH = 1.0  # its ZImageInpaintPipeline example: the masked area repainted from noise
 
 
 def random_seed() -> int:
@@ -37,12 +40,20 @@ class GenerateRequest:
 
     prompts: tuple[str, ...]  # one or more prompts; each yields `n` images
     negative_prompt: str = ""  # used only when guidance > 0 (classifier-free guidance)
-    width: int = DEFAULT_SIZE  # pixels, multiple of 16 in [256, 2048]
-    height: int = DEFAULT_SIZE
+    width: int | None = None  # pixels, multiple of 16 in [256, 2048]; None: 1024, or the input image's own size
+    height: int | None = None
     steps: int = DEFAULT_STEPS  # transformer forwards (x2 with CFG)
     guidance: float = DEFAULT_GUIDANCE  # CFG scale; 0 disables CFG (pred = pos + g * (pos - neg))
     seed: int | None = None  # None: a random seed, recorded in the result
     n: int = 1  # images per prompt
+    loras: tuple = ()  # LoraSpec / 'NAME[:SCALE]': applied to this request's images (zimage.engine.loras)
+    # Starting from a picture (zimage.io.input_image, zimage.engine.img2img): a path, a PIL image or an InputImage;
+    # prepared here (decoded, checked, brought to the size), so that a bad file fails before any model work.
+    image: object = field(default=None, compare=False)  # -> zimage.io.input_image.InputImage
+    mask: object = field(default=None, compare=False)  # white = repaint (inpainting) -> InputMask
+    strength: float | None = None  # (0, 1]: how much of the schedule runs; None: 0.6 for img2img, 1.0 with a mask
+    resize: str | None = None  # fit | crop | stretch: how an image of another size meets width x height
+    mask_blur: int = 0  # pixels: Gaussian blur of the mask's outline before it is binarised
     extra: dict = field(default_factory=dict, compare=False)  # free-form, carried into metadata (e.g. source)
 
     def __post_init__(self):
@@ -65,6 +76,7 @@ class GenerateRequest:
             raise UsageError(f"negative prompt must be text, got {self.negative_prompt!r}", param="negative_prompt")
         if len(self.negative_prompt) > MAX_PROMPT_CHARS:
             raise UsageError(f"negative prompt is longer than {MAX_PROMPT_CHARS} characters", param="negative_prompt")
+        self._prepare_image()
         check_side("width", self.width)
         check_side("height", self.height)
         _check_int("steps", self.steps, 1, MAX_STEPS)
@@ -84,6 +96,28 @@ class GenerateRequest:
             object.__setattr__(self, "seed", random_seed())
         else:
             _check_int("seed", self.seed, 0, MAX_SEED)
+        object.__setattr__(self, "loras", check_loras(self.loras))
+
+    def _prepare_image(self) -> None:
+        """Size, image, mask and strength: without an image, the size defaults to 1024 and image-only fields are
+        refused; with one, the picture (and mask) are loaded and brought to the size (zimage.io.input_image)."""
+        if self.image is None:
+            for name, value, unset in (("mask", self.mask, None), ("strength", self.strength, None),
+                                       ("resize", self.resize, None), ("mask_blur", self.mask_blur, 0)):
+                if value != unset:
+                    raise UsageError(f"{name} needs an input image (image=...)", param=name)
+            object.__setattr__(self, "width", DEFAULT_SIZE if self.width is None else self.width)
+            object.__setattr__(self, "height", DEFAULT_SIZE if self.height is None else self.height)
+            return
+        from zimage.io.input_image import prepare_inputs
+
+        image, mask = prepare_inputs(self.image, self.mask, width=self.width, height=self.height,
+                                     resize=self.resize, mask_blur=self.mask_blur)
+        strength = (DEFAULT_INPAINT_STRENGTH if mask is not None else DEFAULT_IMG2IMG_STRENGTH) \
+            if self.strength is None else check_strength(self.strength)
+        for name, value in (("image", image), ("mask", mask), ("strength", strength), ("width", image.width),
+                            ("height", image.height), ("mask_blur", 0)):
+            object.__setattr__(self, name, value)  # mask_blur is in the prepared mask now (not applied twice)
 
     @property
     def num_images(self) -> int:
@@ -97,12 +131,30 @@ class GenerateRequest:
         """The prompt of each image, prompt-major (p0 x n, p1 x n, ...)."""
         return [p for p in self.prompts for _ in range(self.n)]
 
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can run in one engine batch (each keeps its own prompts, seeds, LoRAs, picture)."""
+        return (self.width, self.height, self.steps, self.guidance, self.image is not None, self.strength,
+                self.mask is not None)
+
     def image_seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.num_images)]
 
     def single(self, index: int) -> "GenerateRequest":
         """The one-image request that reproduces image `index` of this one."""
         return replace(self, prompts=(self.image_prompts()[index],), n=1, seed=self.image_seeds()[index])
+
+
+def check_strength(strength) -> float:
+    """strength as a float if 0 < strength <= 1, else UsageError naming it (NaN, 0, 1.5, a string)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+        raise UsageError(f"strength must be a number in (0, 1], got {strength!r}", param="strength")
+    s = float(strength)
+    if math.isnan(s) or not 0.0 < s <= 1.0:
+        raise UsageError(
+            f"strength must be greater than 0 and at most 1 (1 = repaint from pure noise), got {strength!r}",
+            param="strength",
+        )
+    return s
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:

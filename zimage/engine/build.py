@@ -8,7 +8,8 @@
 - plan:      the fastest memory plan within the VRAM budget (zimage.memory); `zimage plan` and `info` use it too
 - read:      each network straight to where the plan keeps it, the first image's start-up work meanwhile
              (zimage.weights.load, zimage.engine.warm_start)
-- transform: weight transforms, in their order: fp8 quantisation (the user's lossy choice; zimage.speed.fp8)
+- transform: weight transforms, in their order: merged LoRAs (exact fp32 sums; zimage.engine.loras), fp8
+             quantisation (the user's lossy choice; zimage.speed.fp8), runtime LoRA slots (per-request sets)
 - place:     Engine.place(plan): the policy moves the networks, speed is applied for that placement, then the fp16
              guard. The same method re-places after an out-of-memory fallback or a weight change.
 """
@@ -149,18 +150,49 @@ def read(config: EngineConfig, target: Target, location, checked: dict, plan) ->
     return Networks(transformer, text_encoder, vae, prompts, scheduler)
 
 
-def transform_weights(networks: Networks, target: Target, plan) -> list[str]:
-    """Weight transforms, in order, where the networks were loaded (before placement, fusion and compilation).
-    Returns their names, for the log."""
+def lora_state(config: EngineConfig, target: Target, checked: dict):
+    """The engine's LoRA state (zimage.engine.loras.EngineLoras) on the checked networks, with the merged set's files
+    read and checked against their shapes: a bad LoRA is refused before any weight is read."""
+    from zimage.engine.loras import EngineLoras, LoraLibrary
+
+    networks = {"transformer": checked["transformer"].network.module,
+                "text_encoder": checked["text_encoder"].network.module}  # on meta now; the same modules once read
+    loras = EngineLoras(LoraLibrary(config.lora_dir), networks, checked, target.dtype)
+    loras.resolve(config.loras)
+    return loras
+
+
+def plan_sizes(config: EngineConfig, target: Target, checked: dict):
+    """The ModelSizes plans are made from: the folder's tensors, plus the runtime LoRA slots when enabled."""
+    from zimage.engine.loras import slot_bytes
+    from zimage.memory.sizes import with_extra_transformer_bytes
+
+    sizes = model_sizes_of(checked, target, config)
+    if config.lora_slots:
+        blocks, rest = slot_bytes(checked["transformer"].network.module, config.lora_slots, config.lora_rank,
+                                  target.dtype.itemsize)
+        sizes = with_extra_transformer_bytes(sizes, blocks, rest)
+    return sizes
+
+
+def transform_weights(networks: Networks, target: Target, plan, config: EngineConfig, loras) -> list[str]:
+    """Weight transforms, in order, where the networks were loaded (before placement, fusion and compilation):
+    merged LoRAs, fp8 quantisation, runtime LoRA slots. Returns their names, for the log."""
     import torch
 
     done = []
+    if config.loras:
+        loras.set_merged(config.loras)  # in the compute dtype, before fp8 rounds the sums
+        done.append(f"LoRA merged ({len(config.loras)})")
     if plan.weight_dtype == "fp8":  # the user's lossy choice; quantised where it was loaded
         from zimage.speed.fp8 import fp8_matmul_supported, quantize_transformer
 
         matmul = target.dtype == torch.bfloat16 and fp8_matmul_supported(target.device)
         quantize_transformer(networks.transformer, matmul=matmul)
         done.append("fp8" + (" matmul" if matmul else " storage"))
+    if config.lora_slots:
+        loras.install_runtime(config.lora_slots, config.lora_rank)
+        done.append(f"runtime LoRA ({config.lora_slots} slots of rank {config.lora_rank})")
     return done
 
 
@@ -182,12 +214,13 @@ def build_engine(config: EngineConfig):
     location = locate_model(config.model)
     checked = check_model_folder(location.path)  # every part present and well-formed, before reading data
     log.debug("%s checked at %s", location.model_id, location.path)
-    sizes = model_sizes_of(checked, target, config)
+    loras = lora_state(config, target, checked)
+    sizes = plan_sizes(config, target, checked)
     plan = plan_memory(config, target, sizes)
     log.debug("memory plan: %s", plan.describe())
     networks = read(config, target, location, checked, plan)
-    transforms = transform_weights(networks, target, plan)
-    engine = Engine(config, location, target, networks, sizes, checked)
+    transforms = transform_weights(networks, target, plan, config, loras)
+    engine = Engine(config, location, target, networks, sizes, checked, loras)
     engine.place(plan)
     engine.load_seconds = time.perf_counter() - t0
     log.info("loaded %s from %s in %.1fs (%s, %s, plan %s, speed %s%s)", location.model_id, location.path,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zimage.lora_spec import check_loras
 from zimage.memory.select import check_budget
 from zimage.speed.modes import SPEED_CHOICES
 from zimage.weights.layout import DEFAULT_MODEL_ID
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" is accepted too
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+MAX_LORA_SLOTS = 16  # distinct runtime LoRA sets per batch (each slot costs memory: zimage.engine.loras)
+MAX_LORA_RANK = 1024
 __all__ = ["DEVICE_CHOICES", "DTYPE_CHOICES", "SPEED_CHOICES", "EngineConfig"]
 
 
@@ -32,6 +35,12 @@ class EngineConfig:
     warm_size: tuple[int, int] | None = None  # (width, height) of the first image: the VAE decoder starts up at it
     # while the transformer loads (eager speed)
     show_progress: bool = False  # tqdm bars for loading and steps (the CLI turns them on)
+    # LoRA (zimage.engine.loras)
+    loras: tuple = ()  # LoraSpec / 'NAME[:SCALE]': merged into the weights at load, for every image (CLI --lora)
+    lora_dir: str | None = None  # where bare LoRA names are looked up (serve --lora-dir)
+    lora_slots: int = 0  # > 0: per-request LoRA sets at runtime, this many distinct sets per batch (0: merged only)
+    lora_rank: int = 64  # runtime slots' rank: a set's ranks summed must fit (lower ranks are padded with zeros)
+    lora_names_only: bool = False  # requests may name only LoRAs in lora_dir, never a path (a server's clients)
 
     def __post_init__(self):
         """Values that can be checked without a device are checked here, before anything loads."""
@@ -43,3 +52,9 @@ class EngineConfig:
         if self.dtype not in DTYPE_CHOICES:
             raise UsageError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}", param="dtype")
         check_budget(self.vram_budget_gib)
+        object.__setattr__(self, "loras", check_loras(self.loras))
+        for name, value, low, high in (("lora_slots", self.lora_slots, 0, MAX_LORA_SLOTS),
+                                       ("lora_rank", self.lora_rank, 1, MAX_LORA_RANK)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise UsageError(f"{name} must be an integer between {low} and {high}, got {value!r}",
+                                 param=name.replace("_", "-"))

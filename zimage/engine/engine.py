@@ -33,13 +33,14 @@ class Conditioning:
 class Engine:
     """A loaded model: `Engine.load(config)` builds one (zimage.engine.build), `generate` runs it."""
 
-    def __init__(self, config: EngineConfig, location, target, networks, sizes, checked: dict):
+    def __init__(self, config: EngineConfig, location, target, networks, sizes, checked: dict, loras):
         self.config = config
         self.location = location  # zimage.weights.locate.ModelLocation
         self.target = target  # zimage.engine.build.Target: device, dtype, the VAE's dtype
         self.device = target.device
         self.dtype = target.dtype
         self.checked = checked  # {network: zimage.weights.check.CheckedNetwork}: where each tensor is stored
+        self.loras = loras  # zimage.engine.loras.EngineLoras: the merged set, runtime slots
         self.transformer = networks.transformer  # zimage.models.z_image.ZImageTransformer
         self.text_encoder = networks.text_encoder  # the plain module the memory policy places
         self.vae = networks.vae
@@ -150,7 +151,7 @@ class Engine:
         return initial_noise(seeds, self.transformer.in_channels, shape.height, shape.width, self.device)
 
     def denoise(self, cond: Conditioning, latents, shape: GenerateRequest, on_progress=None, alive=None,
-                start: int = 0, blend=None):
+                start: int = 0, blend=None, lora_slots: list[int] | None = None):
         """Euler steps `start`..N-1 of the request's schedule from `latents`; returns float32 latents
         (B, 16, H/8, W/8) of the images still alive, and their indices.
 
@@ -160,6 +161,7 @@ class Engine:
         per image still wanted: dropped images leave the batch there (their rows are cut from the latents and
         captions), so a cancelled request stops costing compute at once. `blend(latents, sigma_next)`, if given,
         runs after each Euler step (inpainting: zimage.engine.start.Inpaint) and has a `rows(kept)`.
+        `lora_slots` gives each row's runtime LoRA slot (zimage.engine.loras; -1 or None: no per-request LoRA).
         """
         import torch
 
@@ -173,6 +175,14 @@ class Engine:
         positive, negative = list(cond.positive), list(cond.negative)
         steps = schedule.steps - start
         bar = progress_bar(self.config.show_progress and steps > 1, steps, "denoising", unit="step")
+        lora_rows = self.loras.runtime.rows if self.loras.runtime is not None else None
+
+        def set_lora_rows():
+            if lora_rows is not None:  # positive rows, then the same slots for the negative (CFG) rows
+                slots = [lora_slots[k] if lora_slots else -1 for k in index]
+                lora_rows.set(slots * (2 if shape.cfg else 1), self.device, self.dtype)
+
+        set_lora_rows()
         with torch.inference_mode():
             ctx = self.transformer.prepare(positive + negative, latents.shape[2], latents.shape[3])
             for i in range(start, schedule.steps):
@@ -186,6 +196,7 @@ class Engine:
                         negative = [negative[r] for r in rows] if negative else []
                         index = keep
                         if index:
+                            set_lora_rows()
                             ctx = self.transformer.prepare(positive + negative, latents.shape[2], latents.shape[3])
                     if not index:
                         break
@@ -257,6 +268,9 @@ class Engine:
         if cancels is not None:
             alive = lambda: [not (cancels[j] is not None and cancels[j].is_set()) for j in owner]  # noqa: E731
 
+        # What can fail on bad input goes first: LoRA files read and checked, the VAE encoder loaded.
+        lora_slots = self.loras.row_slots(requests, self.config.lora_names_only)
+        encoder = self.image_encoder() if first.image is not None else None  # loaded, planned for at first use
         timings = {}
         t0 = time.perf_counter()
         cond, warnings = self.encode(requests)
@@ -265,10 +279,9 @@ class Engine:
         timings["encode"] = self._lap(t0)
         if on_progress:
             on_progress(Progress("encode", 1, 1))
-        if first.image is not None:
+        if encoder is not None:
             from zimage.engine.start import image_start
 
-            encoder = self.image_encoder()  # loaded and planned for at the first image input
             self.policy.enter("encode_image")
             start = image_start(encoder, requests, self.scheduler, self.device, self.policy.plan.tiled_decode)
             timings["encode_image"] = self._lap(t0) - timings["encode"]
@@ -276,7 +289,8 @@ class Engine:
             from zimage.engine.start import Start
 
             start = Start(self.noise(seeds, first), 0)
-        latents, index = self.denoise(cond, start.latents, first, on_progress, alive, start.step, start.blend)
+        latents, index = self.denoise(cond, start.latents, first, on_progress, alive, start.step, start.blend,
+                                      lora_slots)
         timings["denoise"] = self._lap(t0) - timings["encode"] - timings.get("encode_image", 0.0)
         images = to_pil(self.decode(latents)) if index else []
         timings["decode"] = self._lap(t0) - sum(timings.values())

@@ -40,24 +40,10 @@ So the final latents equal z exactly wherever m = 0: the kept area is the input 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from zimage.engine.sampling import FlowMatchConfig, Schedule, make_schedule
-from zimage.errors import UsageError
-
-
-def check_strength(strength) -> float:
-    """strength as a float if 0 < strength <= 1, else UsageError naming it (NaN, 0, 1.5, a string)."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise UsageError(f"strength must be a number in (0, 1], got {strength!r}", param="strength")
-    s = float(strength)
-    if math.isnan(s) or not 0.0 < s <= 1.0:
-        raise UsageError(
-            f"strength must be greater than 0 and at most 1 (1 = repaint from pure noise), got {strength!r}",
-            param="strength",
-        )
-    return s
+from zimage.request import check_strength
 
 
 def start_index(steps: int, strength: float) -> int:

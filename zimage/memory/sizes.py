@@ -101,6 +101,17 @@ def with_vae_encoder(sizes: ModelSizes, checked_encoder) -> ModelSizes:
     return replace(sizes, vae_encoder=NetworkSizes((), enc.total, (), enc.total))
 
 
+def with_extra_transformer_bytes(sizes: ModelSizes, per_block: dict[int, int], rest: int) -> ModelSizes:
+    """`sizes` with bytes added to the transformer's blocks (block index -> bytes) and to the rest: tensors that are
+    not in the checkpoint but live with those blocks (runtime LoRA slots), in the compute dtype under fp8 too."""
+    from dataclasses import replace
+
+    tr = sizes.transformer
+    blocks = tuple(b + per_block.get(i, 0) for i, b in enumerate(tr.blocks))
+    blocks8 = tuple(b + per_block.get(i, 0) for i, b in enumerate(tr.blocks_fp8))
+    return replace(sizes, transformer=NetworkSizes(blocks, tr.rest + rest, blocks8, tr.rest_fp8 + rest))
+
+
 def model_sizes(checked: dict, dtype_bytes: int = 2, max_text_tokens: int = 512) -> ModelSizes:
     """ModelSizes of a checked folder (`zimage.weights.check.check_model_folder`)."""
     shapes = {name: {t: info.shape for t, (_, info) in c.tensors.items()} for name, c in checked.items()}

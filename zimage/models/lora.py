@@ -89,3 +89,19 @@ class LoraLinear(nn.Module):
         up = self.lora_up[rows.index] * rows.active  # (B, out, R); rows without LoRA add 0
         d = torch.bmm(x3, down.transpose(1, 2))  # (B, L, R)
         return y + torch.bmm(d, up.transpose(1, 2)).reshape(*lead[:-1], self.out_features)
+
+
+def wrap_linears(model: nn.Module, names, slots: int, rank: int, dtype) -> tuple[LoraRows, dict]:
+    """Replace each linear `names[i]` of `model` by a LoraLinear around it (on the linear's device), all sharing one
+    LoraRows; returns (rows, {name: LoraLinear}). Slots start empty (zero: the output is unchanged)."""
+    rows = LoraRows()
+    rows.set([-1], next(model.parameters()).device, dtype)
+    layers = {}
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = parent._modules[attr]
+        layer = LoraLinear(base, slots, rank, rows, dtype, device=base.weight.device)
+        parent._modules[attr] = layer
+        layers[name] = layer
+    return rows, layers

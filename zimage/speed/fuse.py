@@ -33,9 +33,10 @@ class FusedSwiGLU(torch.nn.Module):
 
 
 def fuse_block(block) -> None:
-    """Fuse one ZImageTransformerBlock in place (attention q/k/v, feed-forward w1/w3); a fused block is left as is."""
+    """Fuse one ZImageTransformerBlock in place (attention q/k/v, feed-forward w1/w3). A fused block is left as is,
+    and so is one whose projections are not plain Linears (runtime LoRA layers keep their own factors per layer)."""
     attn = block.attention
-    if hasattr(attn, "to_qkv"):
+    if hasattr(attn, "to_qkv") or not all(type(m) is torch.nn.Linear for m in (attn.to_q, block.feed_forward.w1)):
         return
     attn.to_qkv = _fused_linear([attn.to_q, attn.to_k, attn.to_v])
     del attn.to_q, attn.to_k, attn.to_v
