@@ -201,10 +201,11 @@ class EngineLoras:
     def resolve(self, specs, names_only: bool = False) -> tuple:
         """((LoraFile, scale), ...) for `specs`, each read and checked against the loaded networks (LoraError naming
         the file and key if one does not fit): before anything is applied."""
+        from zimage.lora_spec import check_loras
         from zimage.weights.lora import validate
 
         out = []
-        for spec in specs:
+        for spec in check_loras(specs):
             lora = self.library.read(spec, names_only)
             for network in lora.networks:
                 validate(lora, self.shapes(network), network=network)
@@ -262,9 +263,12 @@ class EngineLoras:
                 slots += [-1] * r.num_images
                 continue
             loras = self.resolve(r.loras, names_only)
-            if any(lora.text_encoder for lora, _ in loras):
-                raise UsageError("a LoRA that also changes the text encoder can only be applied merged "
-                                 "(--lora when the engine starts)", param="loras")
+            for lora, _ in loras:
+                outside = [m for m in lora.transformer if m not in self.runtime.layers]
+                if lora.text_encoder or outside:
+                    what = "the text encoder" if lora.text_encoder else outside[0]
+                    raise UsageError(f"LoRA {lora.name!r} changes {what}, which per-request LoRAs cannot: apply it "
+                                     "merged (--lora when the engine starts)", param="loras")
             key = set_key(loras)
             if key not in keys:
                 keys[key] = self.runtime.slot_for(key, loras, pinned)

@@ -54,6 +54,11 @@ class LoraLinear(nn.Module):
                                     requires_grad=False)
 
     @property
+    def weight(self):
+        """The wrapped layer's weight (code that reads a linear's dtype or shape sees the base layer's)."""
+        return self.base.weight
+
+    @property
     def slots(self) -> int:
         return self.lora_down.shape[0]
 
