@@ -60,11 +60,13 @@ class GenerateRequest:
                 raise UsageError(f"{where} is empty; give a description of the image", param="prompt")
             if len(p) > MAX_PROMPT_CHARS:
                 raise UsageError(f"{where} has {len(p)} characters; the limit is {MAX_PROMPT_CHARS}", param="prompt")
+            _check_utf8(where, p, "prompt")
         object.__setattr__(self, "prompts", prompts)
         if not isinstance(self.negative_prompt, str):
             raise UsageError(f"negative prompt must be text, got {self.negative_prompt!r}", param="negative_prompt")
         if len(self.negative_prompt) > MAX_PROMPT_CHARS:
             raise UsageError(f"negative prompt is longer than {MAX_PROMPT_CHARS} characters", param="negative_prompt")
+        _check_utf8("negative prompt", self.negative_prompt, "negative_prompt")
         check_side("width", self.width)
         check_side("height", self.height)
         _check_int("steps", self.steps, 1, MAX_STEPS)
@@ -103,6 +105,20 @@ class GenerateRequest:
     def single(self, index: int) -> "GenerateRequest":
         """The one-image request that reproduces image `index` of this one."""
         return replace(self, prompts=(self.image_prompts()[index],), n=1, seed=self.image_seeds()[index])
+
+
+def _check_utf8(where: str, text: str, param: str) -> None:
+    """Refuse text that has no UTF-8 form: lone surrogates. On Linux, command-line bytes that are not UTF-8 arrive as
+    these (Python's surrogateescape), and JSON can spell them ("\\udcff"); the tokenizer and the PNG writer would
+    fail on them only after the model has loaded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(
+            f"{where} cannot be encoded as UTF-8: character {e.start + 1} is {text[e.start]!r}, a lone surrogate "
+            "(what bytes that are not UTF-8 become on a command line); give the text in UTF-8",
+            param=param,
+        ) from None
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:

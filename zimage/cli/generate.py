@@ -124,6 +124,7 @@ def run(args) -> int:
 
     from zimage.engine.driver_init import start_in_background
     from zimage.engine.engine import Engine
+    from zimage.io.output_names import create_folder
     from zimage.io.png import save_png
 
     jobs = plan_jobs(args)  # all validation before the model loads
@@ -133,16 +134,17 @@ def run(args) -> int:
     if engine.location.source == "tiny":
         print("note: --model tiny-random is a tiny randomly initialised stand-in; its images are noise. "
               "Run `zimage download` for the real weights.", file=sys.stderr)
-    bar = tqdm(total=total, desc="images", unit="img", disable=total < 2)
-    for job in jobs:
-        result = engine.generate(job.request)
-        for img, path in zip(result.images, job.paths):
-            save_png(img.image, path, img.metadata, overwrite=args.overwrite)
-            log.debug("saved %s", path)
-            print(path)
-        bar.update(len(result.images))
-        t = result.timings
-        bar.write(f"{len(result.images)} image(s) in {t['total']:.2f}s (encode {t['encode']:.2f}s, denoise "
-                  f"{t['denoise']:.2f}s, decode {t['decode']:.2f}s)", file=sys.stderr)
-    bar.close()
+    # `with`: an error closes the bar before main() prints the message, which then stays the last line.
+    with tqdm(total=total, desc="images", unit="img", disable=total < 2) as bar:
+        for job in jobs:
+            result = engine.generate(job.request)
+            for img, path in zip(result.images, job.paths):
+                create_folder(path.parent)
+                save_png(img.image, path, img.metadata, overwrite=args.overwrite)
+                log.debug("saved %s", path)
+                print(path)
+            bar.update(len(result.images))
+            t = result.timings
+            bar.write(f"{len(result.images)} image(s) in {t['total']:.2f}s (encode {t['encode']:.2f}s, denoise "
+                      f"{t['denoise']:.2f}s, decode {t['decode']:.2f}s)", file=sys.stderr)
     return 0
