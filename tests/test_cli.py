@@ -121,6 +121,58 @@ def test_from_png_remakes_the_same_pixels(capsys, out):
         assert json.loads(im.text["zimage"])["seed"] == 124
 
 
+def test_from_png_uses_the_model_it_records(capsys, out, count_loads):
+    """Without --model, --from-png loads the model the PNG records (here tiny-random), not --model's default."""
+    first, again = out / "first.png", out / "again.png"
+    assert cli(capsys, "generate", "-p", "a lighthouse", *FAST, "--seed", "5", "-o", first)[0] == 0
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--device", "cpu", "-o", again)
+    assert rc == 0, err
+    assert count_loads[-1][0].model == "tiny-random"
+    assert np.array_equal(pixels(first), pixels(again))
+    assert json.loads(Image.open(again).text["zimage"])["model"] == "tiny-random"
+
+
+def test_from_png_explicit_model_wins_even_when_it_is_the_default_text(capsys, out, tiny_folder, count_loads):
+    """--model given is used, whatever the PNG says; given as the default's own text, it is still 'given'."""
+    from zimage.weights.layout import DEFAULT_MODEL_ID
+
+    first = out / "first.png"
+    assert cli(capsys, "generate", "-p", "a lighthouse", *FAST, "--seed", "5", "-o", first)[0] == 0
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--model", tiny_folder, "--device", "cpu",
+                     "-o", out / "b.png")
+    assert rc == 0, err
+    assert count_loads[-1][0].model == str(tiny_folder)
+    assert json.loads(Image.open(out / "b.png").text["zimage"])["model"] == tiny_folder.name
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--model", DEFAULT_MODEL_ID, "--device", "cpu",
+                     "-o", out / "c.png")
+    assert rc == 1 and f"model {DEFAULT_MODEL_ID!r} was not found" in err
+    assert count_loads[-1][0].model == DEFAULT_MODEL_ID
+
+
+def test_from_png_made_from_a_folder_needs_model(capsys, out, tiny_folder, count_loads):
+    """A PNG made from a folder records the folder's name, not its path (paths stay private): --from-png then asks
+    for --model before loading anything, and works with it."""
+    first = out / "first.png"
+    assert cli(capsys, "generate", "-p", "a lighthouse", *FAST, "--model", tiny_folder, "--seed", "5",
+               "-o", first)[0] == 0
+    loads = len(count_loads)
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--device", "cpu", "-o", out / "again.png")
+    assert rc == 2
+    assert err == (f"zimage: error: {first} was made with the model in a folder named {tiny_folder.name!r} (a PNG "
+                   "records a folder's name, not its path); pass --model with that folder\n")
+    assert len(count_loads) == loads and not (out / "again.png").exists()
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--model", tiny_folder, "--device", "cpu",
+                     "-o", out / "again.png")
+    assert rc == 0, err
+    assert np.array_equal(pixels(first), pixels(out / "again.png"))
+
+
+def test_model_flag_help_still_shows_the_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "(default: Tongyi-MAI/Z-Image-Turbo)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_several_images_get_numbered_names(capsys, out):
     target = out / "name.png"
     rc, stdout, err = cli(capsys, "generate", "-p", "a bird", *FAST, "--seed", "5", "--n", "2", "-o", target)

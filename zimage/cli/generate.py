@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from zimage.cli.common import add_model_flags, engine_config
 from zimage.errors import UsageError
 from zimage.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, GenerateRequest
 from zimage.sizes import ASPECT_PRESETS, size_for_aspect
+from zimage.weights.layout import DEFAULT_MODEL_ID, TINY_MODEL_ID
 
 log = logging.getLogger("zimage")
 
@@ -26,8 +27,9 @@ def register(sub) -> None:
     src.add_argument("--prompts-file", type=Path, metavar="FILE",
                      help="one prompt a line, or JSONL with settings per line (keys: prompt, negative_prompt, width, "
                           "height, aspect, steps, guidance, seed, n, output)")
-    src.add_argument("--from-png", type=Path, metavar="FILE", help="remake the image whose parameters FILE carries "
-                                                                   "(flags given here override them)")
+    src.add_argument("--from-png", type=Path, metavar="FILE",
+                     help="remake the image whose parameters FILE carries, with the model it records (flags given "
+                          "here override them, --model included)")
     src.add_argument("--negative-prompt", help="what to avoid (used when --guidance > 0)")
     opt = p.add_argument_group("settings")
     opt.add_argument("--width", type=int, help=f"pixels, multiple of 16, 256..2048 (default {DEFAULT_SIZE})")
@@ -43,7 +45,13 @@ def register(sub) -> None:
                           "(default: current folder, names from prompt and seed)")
     out.add_argument("--overwrite", action="store_true", help="replace existing files")
     add_model_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, model=DefaultModel(DEFAULT_MODEL_ID))
+
+
+class DefaultModel(str):
+    """--model's default, told apart from the same text typed by the user: argparse stores a default's own object
+    when the flag is absent and a plain str from argv when it is given. --from-png needs to know which (the model
+    the PNG records is used unless --model is given), and --help still prints the default as text."""
 
 
 @dataclass
@@ -51,14 +59,26 @@ class Job:
     request: GenerateRequest
     paths: list[Path]
     label: str  # where it came from, for messages
+    made_with: object = None  # --from-png: the PNG's ImageMetadata
 
 
-def _settings_from_png(path: Path) -> dict:
-    from zimage.io.png import read_metadata
-
-    m = read_metadata(path)
+def _settings_from_png(m) -> dict:
     return dict(prompt=m.prompt, negative_prompt=m.negative_prompt, width=m.width, height=m.height, steps=m.steps,
                 guidance=m.guidance, seed=m.seed)
+
+
+def model_to_load(args, jobs: list[Job]) -> str:
+    """--model when given; else, for --from-png, the model the PNG records: a repo id (looked up in the caches as
+    --model would be) or tiny-random. A PNG made from a folder records only the folder's name (an image may be
+    shared; its path would say more than it should), so that one needs --model."""
+    made_with = jobs[0].made_with
+    if not isinstance(args.model, DefaultModel) or made_with is None:
+        return str(args.model)
+    recorded = made_with.model
+    if recorded == TINY_MODEL_ID or (recorded.count("/") == 1 and not recorded.startswith((".", "/", "~"))):
+        return recorded
+    raise UsageError(f"{args.from_png} was made with the model in a folder named {recorded!r} (a PNG records a "
+                     "folder's name, not its path); pass --model with that folder", param="model")
 
 
 def _request(settings: dict, where: str) -> GenerateRequest:
@@ -111,12 +131,26 @@ def plan_jobs(args) -> list[Job]:
             output = line.settings.get("output", args.output)
             jobs.append(Job(req, planner.plan(output, req.image_prompts(), req.image_seeds()), where))
         return jobs
-    base = _settings_from_png(args.from_png) if args.from_png is not None else {"prompt": args.prompt}
+    made_with = None
+    if args.from_png is not None:
+        from zimage.io.png import read_metadata
+
+        made_with = read_metadata(args.from_png)
+    base = _settings_from_png(made_with) if made_with is not None else {"prompt": args.prompt}
     settings = {**base, **flags}
     if "aspect" in flags:  # --aspect replaces the PNG's size
         settings.pop("width", None), settings.pop("height", None)
     req = _request(settings, "arguments")
-    return [Job(req, planner.plan(args.output, req.image_prompts(), req.image_seeds()), "arguments")]
+    return [Job(req, planner.plan(args.output, req.image_prompts(), req.image_seeds()), "arguments", made_with)]
+
+
+def _note_other_revision(args, made_with, location) -> None:
+    """The same repo id at another revision can make another image: say so rather than pass it off as a remake."""
+    if made_with is None or location.model_id != made_with.model:
+        return
+    if made_with.model_revision and location.revision and made_with.model_revision != location.revision:
+        print(f"note: {args.from_png} was made with revision {made_with.model_revision[:10]} of {made_with.model}; "
+              f"the one found is {location.revision[:10]}, so the image may differ", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -128,9 +162,12 @@ def run(args) -> int:
     from zimage.io.png import save_png
 
     jobs = plan_jobs(args)  # all validation before the model loads
+    model = model_to_load(args, jobs)
     start_in_background(args.device)  # CUDA's driver start-up overlaps the import of torch (cold start)
     total = sum(j.request.num_images for j in jobs)
-    engine = Engine.load(engine_config(args, show_progress=True, expected_images=total, first=jobs[0].request))
+    config = engine_config(args, show_progress=True, expected_images=total, first=jobs[0].request)
+    engine = Engine.load(replace(config, model=model))
+    _note_other_revision(args, jobs[0].made_with, engine.location)
     if engine.location.source == "tiny":
         print("note: --model tiny-random is a tiny randomly initialised stand-in; its images are noise. "
               "Run `zimage download` for the real weights.", file=sys.stderr)
