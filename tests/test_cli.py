@@ -95,6 +95,40 @@ def test_negative_prompt_and_guidance_recorded(capsys, out):
     assert "CFG scale: 2.5" in params
 
 
+NEGATIVE_IGNORED = "warning: --negative-prompt is used only with --guidance > 0; it is ignored"
+
+
+def test_negative_prompt_without_guidance_warns_once(capsys, out):
+    rc, _, err = cli(capsys, "generate", "-p", "a dog", "--negative-prompt", "blurry", *FAST, "--n", "2",
+                     "-o", out / "x.png")
+    assert rc == 0, err
+    assert err.count("warning: ") == 1 and f"{NEGATIVE_IGNORED}\n" in err
+    assert json.loads(Image.open(out / "x-1.png").text["zimage"])["negative_prompt"] == ""  # as it was made
+    rc, _, err = cli(capsys, "generate", "-p", "a dog", "--negative-prompt", "blurry", "--guidance", "1", *FAST,
+                     "-o", out / "y.png")
+    assert rc == 0 and "warning" not in err
+
+
+def test_negative_prompt_without_guidance_in_a_prompts_file_warns_once_naming_the_lines(capsys, out, tmp_path):
+    pf = tmp_path / "p.jsonl"
+    pf.write_text('{"prompt": "a", "negative_prompt": "ugly"}\n{"prompt": "b", "negative_prompt": "ugly", '
+                  '"guidance": 1.5}\n{"prompt": "c"}\n{"prompt": "d", "negative_prompt": "dull"}\n')
+    rc, _, err = cli(capsys, "generate", "--prompts-file", pf, *FAST, "-o", f"{out}/")
+    assert rc == 0, err
+    assert err.count("warning: ") == 1
+    assert (f"warning: a negative prompt is used only with guidance > 0; it is ignored for {pf}:1, {pf}:4\n") in err
+
+
+def test_negative_prompt_of_a_png_dropped_by_guidance_0_warns(capsys, out):
+    first = out / "cfg.png"
+    assert cli(capsys, "generate", "-p", "a dog", "--negative-prompt", "blurry", "--guidance", "2", *FAST,
+               "-o", first)[0] == 0
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--guidance", "0", "--device", "cpu",
+                     "-o", out / "no-cfg.png")
+    assert rc == 0, err
+    assert f"warning: the negative prompt of {first} is used only with --guidance > 0; it is ignored\n" in err
+
+
 def test_show_prints_parameters(capsys, out):
     target = out / "x.png"
     assert cli(capsys, "generate", "-p", "a red fox", *FAST, "--seed", "9", "-o", target)[0] == 0

@@ -189,3 +189,10 @@ def test_text_that_is_not_utf8_is_refused(changes, where, position, char):
 def test_non_ascii_text_is_fine():
     r = GenerateRequest(**{**OK, "prompts": ("un café, «neon» 猫 🐈",), "negative_prompt": "flou"})
     assert r.prompts == ("un café, «neon» 猫 🐈",)
+
+
+def test_negative_prompt_ignored_without_guidance():
+    assert GenerateRequest(**{**OK, "negative_prompt": "blurry"}).negative_prompt_ignored
+    assert not GenerateRequest(**{**OK, "negative_prompt": "blurry", "guidance": 1.0}).negative_prompt_ignored
+    assert not GenerateRequest(**{**OK, "negative_prompt": "  "}).negative_prompt_ignored
+    assert not GenerateRequest(**OK).negative_prompt_ignored

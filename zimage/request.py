@@ -95,6 +95,11 @@ class GenerateRequest:
     def cfg(self) -> bool:
         return self.guidance > 0
 
+    @property
+    def negative_prompt_ignored(self) -> bool:
+        """A negative prompt was given but guidance is 0, so it has no effect: entrypoints tell the user."""
+        return bool(self.negative_prompt.strip()) and not self.cfg
+
     def image_prompts(self) -> list[str]:
         """The prompt of each image, prompt-major (p0 x n, p1 x n, ...)."""
         return [p for p in self.prompts for _ in range(self.n)]

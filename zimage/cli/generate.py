@@ -144,6 +144,19 @@ def plan_jobs(args) -> list[Job]:
     return [Job(req, planner.plan(args.output, req.image_prompts(), req.image_seeds()), "arguments", made_with)]
 
 
+def _warn_ignored_negative_prompt(args, jobs: list[Job]) -> None:
+    """One warning a run when a negative prompt has no effect (guidance 0 turns classifier-free guidance off)."""
+    where = [j.label for j in jobs if j.request.negative_prompt_ignored]
+    if not where:
+        return
+    if args.prompts_file is None:
+        what = "--negative-prompt" if args.negative_prompt is not None else f"the negative prompt of {args.from_png}"
+        print(f"warning: {what} is used only with --guidance > 0; it is ignored", file=sys.stderr)
+        return
+    shown = ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+    print(f"warning: a negative prompt is used only with guidance > 0; it is ignored for {shown}", file=sys.stderr)
+
+
 def _note_other_revision(args, made_with, location) -> None:
     """The same repo id at another revision can make another image: say so rather than pass it off as a remake."""
     if made_with is None or location.model_id != made_with.model:
@@ -163,6 +176,7 @@ def run(args) -> int:
 
     jobs = plan_jobs(args)  # all validation before the model loads
     model = model_to_load(args, jobs)
+    _warn_ignored_negative_prompt(args, jobs)
     start_in_background(args.device)  # CUDA's driver start-up overlaps the import of torch (cold start)
     total = sum(j.request.num_images for j in jobs)
     config = engine_config(args, show_progress=True, expected_images=total, first=jobs[0].request)
