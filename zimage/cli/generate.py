@@ -11,8 +11,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from zimage.cli.common import add_model_flags, engine_config
+from zimage.engine.config import EngineConfig
 from zimage.errors import UsageError
-from zimage.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, GenerateRequest
+from zimage.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, MAX_PROMPT_CHARS, GenerateRequest
 from zimage.sizes import ASPECT_PRESETS, size_for_aspect
 from zimage.weights.layout import DEFAULT_MODEL_ID, TINY_MODEL_ID
 
@@ -23,14 +24,17 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="make images from prompts",
                        description="Make images from a prompt, a prompts file, or the parameters stored in a PNG.")
     src = p.add_argument_group("what to make")
-    src.add_argument("--prompt", "-p", help="the text to draw")
+    src.add_argument("--prompt", "-p", help=f"the text to draw: at most {MAX_PROMPT_CHARS:,} characters, of which "
+                                              f"the text encoder reads the first {EngineConfig.max_text_tokens} "
+                                              "tokens (more are cut, with a warning)")
     src.add_argument("--prompts-file", type=Path, metavar="FILE",
                      help="one prompt a line, or JSONL with settings per line (keys: prompt, negative_prompt, width, "
                           "height, aspect, steps, guidance, seed, n, output)")
     src.add_argument("--from-png", type=Path, metavar="FILE",
                      help="remake the image whose parameters FILE carries, with the model it records (flags given "
                           "here override them, --model included)")
-    src.add_argument("--negative-prompt", help="what to avoid (used when --guidance > 0)")
+    src.add_argument("--negative-prompt", help=f"what to avoid, used only when --guidance > 0: at most "
+                                                 f"{MAX_PROMPT_CHARS:,} characters")
     opt = p.add_argument_group("settings")
     opt.add_argument("--width", type=int, help=f"pixels, multiple of 16, 256..2048 (default {DEFAULT_SIZE})")
     opt.add_argument("--height", type=int, help=f"pixels, multiple of 16, 256..2048 (default {DEFAULT_SIZE})")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 TINY_VERSION = 1  # bump when the tiny architecture changes, so caches rebuild
 
-# The published full-size shapes (see DESIGN.md) and the tiny stand-ins.
+# The published full-size shapes (the values in Tongyi-MAI/Z-Image-Turbo's config files) and the tiny stand-ins.
 FULL_TRANSFORMER = dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
                         axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
 TINY_TRANSFORMER = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
