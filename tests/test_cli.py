@@ -587,17 +587,52 @@ def test_subprocess_generate(tmp_path):
     assert json.loads(Image.open(tmp_path / "cat.png").text["zimage"])["seed"] == 4
 
 
-def test_entry_flushes_and_exits_with_mains_code(monkeypatch):
-    """The console script skips the interpreter's teardown (os._exit) after flushing; the subprocess tests above and
-    below run through it and see its stdout and exit codes."""
+def test_entry_fast_exit_only_for_generate(monkeypatch):
+    """`generate` skips the interpreter's teardown (os._exit, after flushing); every other command returns through
+    sys.exit, so atexit handlers, non-daemon threads and finalizers run as a library user expects."""
     from zimage.cli import main as cli_main
 
     calls = []
-    monkeypatch.setattr(cli_main, "main", lambda: 3)
+    monkeypatch.setattr(cli_main, "run", lambda args: 3)
     monkeypatch.setattr(cli_main.logging, "shutdown", lambda: calls.append("logging flushed"))
-    monkeypatch.setattr(cli_main.os, "_exit", lambda code: calls.append(code))
-    cli_main.entry()
-    assert calls == ["logging flushed", 3]
+    monkeypatch.setattr(cli_main.os, "_exit", lambda code: calls.append(("os._exit", code)))
+
+    def sys_exit(code):
+        calls.append(("sys.exit", code))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli_main.sys, "exit", sys_exit)
+    cli_main.entry(["generate", "-p", "x"])
+    assert calls == ["logging flushed", ("os._exit", 3)]
+    calls.clear()
+    for command in (["serve"], ["info"], ["show", "x.png"], ["plan"], ["download"], ["make-tiny", "x"]):
+        with pytest.raises(SystemExit):
+            cli_main.entry(command)
+    assert calls == [("sys.exit", 3)] * 6
+
+
+ATEXIT_PROBE = """
+import atexit, sys
+atexit.register(lambda: print("atexit handlers ran", flush=True))
+import zimage.cli.serve
+zimage.cli.serve.run = lambda args: 0  # serve's exit path, without starting a server
+from zimage.cli.main import entry
+entry(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("argv, atexit_runs", [
+    (["serve"], True),
+    (["info", "--model", "tiny-random", "--device", "cpu"], True),
+    (["generate", "-p", "a cat", *FAST, "-o", "x.png"], False),
+])
+def test_atexit_handlers_run_except_after_generate(tmp_path, argv, atexit_runs):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    p = subprocess.run([sys.executable, "-c", ATEXIT_PROBE, *argv], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert ("atexit handlers ran" in p.stdout) == atexit_runs, (p.stdout, p.stderr)
 
 
 def test_subprocess_usage_error_exit_code_and_message(tmp_path):
