@@ -1,6 +1,6 @@
 """The `zimage` CLI, in-process through zimage.cli.main.main (fast) and, a few times, as a real subprocess.
 
-Every bad input of issue 2's list: exit code 2 (usage) or 1 (runtime), a message naming the value, no file left.
+Bad inputs (exit codes, messages, nothing written) are in test_cli_bad_input.py.
 """
 
 from __future__ import annotations
@@ -95,6 +95,40 @@ def test_negative_prompt_and_guidance_recorded(capsys, out):
     assert "CFG scale: 2.5" in params
 
 
+NEGATIVE_IGNORED = "warning: --negative-prompt is used only with --guidance > 0; it is ignored"
+
+
+def test_negative_prompt_without_guidance_warns_once(capsys, out):
+    rc, _, err = cli(capsys, "generate", "-p", "a dog", "--negative-prompt", "blurry", *FAST, "--n", "2",
+                     "-o", out / "x.png")
+    assert rc == 0, err
+    assert err.count("warning: ") == 1 and f"{NEGATIVE_IGNORED}\n" in err
+    assert json.loads(Image.open(out / "x-1.png").text["zimage"])["negative_prompt"] == ""  # as it was made
+    rc, _, err = cli(capsys, "generate", "-p", "a dog", "--negative-prompt", "blurry", "--guidance", "1", *FAST,
+                     "-o", out / "y.png")
+    assert rc == 0 and "warning" not in err
+
+
+def test_negative_prompt_without_guidance_in_a_prompts_file_warns_once_naming_the_lines(capsys, out, tmp_path):
+    pf = tmp_path / "p.jsonl"
+    pf.write_text('{"prompt": "a", "negative_prompt": "ugly"}\n{"prompt": "b", "negative_prompt": "ugly", '
+                  '"guidance": 1.5}\n{"prompt": "c"}\n{"prompt": "d", "negative_prompt": "dull"}\n')
+    rc, _, err = cli(capsys, "generate", "--prompts-file", pf, *FAST, "-o", f"{out}/")
+    assert rc == 0, err
+    assert err.count("warning: ") == 1
+    assert (f"warning: a negative prompt is used only with guidance > 0; it is ignored for {pf}:1, {pf}:4\n") in err
+
+
+def test_negative_prompt_of_a_png_dropped_by_guidance_0_warns(capsys, out):
+    first = out / "cfg.png"
+    assert cli(capsys, "generate", "-p", "a dog", "--negative-prompt", "blurry", "--guidance", "2", *FAST,
+               "-o", first)[0] == 0
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--guidance", "0", "--device", "cpu",
+                     "-o", out / "no-cfg.png")
+    assert rc == 0, err
+    assert f"warning: the negative prompt of {first} is used only with --guidance > 0; it is ignored\n" in err
+
+
 def test_show_prints_parameters(capsys, out):
     target = out / "x.png"
     assert cli(capsys, "generate", "-p", "a red fox", *FAST, "--seed", "9", "-o", target)[0] == 0
@@ -119,6 +153,58 @@ def test_from_png_remakes_the_same_pixels(capsys, out):
     assert not np.array_equal(pixels(first), pixels(other))
     with Image.open(other) as im:
         assert json.loads(im.text["zimage"])["seed"] == 124
+
+
+def test_from_png_uses_the_model_it_records(capsys, out, count_loads):
+    """Without --model, --from-png loads the model the PNG records (here tiny-random), not --model's default."""
+    first, again = out / "first.png", out / "again.png"
+    assert cli(capsys, "generate", "-p", "a lighthouse", *FAST, "--seed", "5", "-o", first)[0] == 0
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--device", "cpu", "-o", again)
+    assert rc == 0, err
+    assert count_loads[-1][0].model == "tiny-random"
+    assert np.array_equal(pixels(first), pixels(again))
+    assert json.loads(Image.open(again).text["zimage"])["model"] == "tiny-random"
+
+
+def test_from_png_explicit_model_wins_even_when_it_is_the_default_text(capsys, out, tiny_folder, count_loads):
+    """--model given is used, whatever the PNG says; given as the default's own text, it is still 'given'."""
+    from zimage.weights.layout import DEFAULT_MODEL_ID
+
+    first = out / "first.png"
+    assert cli(capsys, "generate", "-p", "a lighthouse", *FAST, "--seed", "5", "-o", first)[0] == 0
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--model", tiny_folder, "--device", "cpu",
+                     "-o", out / "b.png")
+    assert rc == 0, err
+    assert count_loads[-1][0].model == str(tiny_folder)
+    assert json.loads(Image.open(out / "b.png").text["zimage"])["model"] == tiny_folder.name
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--model", DEFAULT_MODEL_ID, "--device", "cpu",
+                     "-o", out / "c.png")
+    assert rc == 1 and f"model {DEFAULT_MODEL_ID!r} was not found" in err
+    assert count_loads[-1][0].model == DEFAULT_MODEL_ID
+
+
+def test_from_png_made_from_a_folder_needs_model(capsys, out, tiny_folder, count_loads):
+    """A PNG made from a folder records the folder's name, not its path (paths stay private): --from-png then asks
+    for --model before loading anything, and works with it."""
+    first = out / "first.png"
+    assert cli(capsys, "generate", "-p", "a lighthouse", *FAST, "--model", tiny_folder, "--seed", "5",
+               "-o", first)[0] == 0
+    loads = len(count_loads)
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--device", "cpu", "-o", out / "again.png")
+    assert rc == 2
+    assert err == (f"zimage: error: {first} was made with the model in a folder named {tiny_folder.name!r} (a PNG "
+                   "records a folder's name, not its path); pass --model with that folder\n")
+    assert len(count_loads) == loads and not (out / "again.png").exists()
+    rc, _, err = cli(capsys, "generate", "--from-png", first, "--model", tiny_folder, "--device", "cpu",
+                     "-o", out / "again.png")
+    assert rc == 0, err
+    assert np.array_equal(pixels(first), pixels(out / "again.png"))
+
+
+def test_model_flag_help_still_shows_the_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "(default: Tongyi-MAI/Z-Image-Turbo)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_several_images_get_numbered_names(capsys, out):
@@ -270,221 +356,6 @@ def test_make_tiny(capsys, tmp_path):
     assert rc == 2 and f"{folder} exists and is not empty" in err
 
 
-# ------------------------------------------------------------------------------------------------ bad input
-def bad(capsys, out: Path, *args, code: int, expect: list[str]) -> str:
-    """Run, check the exit code and the message, and that nothing was written under `out`."""
-    before = files_in(out)
-    rc, stdout, err = cli(capsys, *args)
-    assert rc == code, err
-    assert err.startswith("zimage: error: "), err
-    for piece in expect:
-        assert piece in err, (piece, err)
-    assert "Traceback" not in err
-    assert files_in(out) == before
-    return err
-
-
-@pytest.mark.parametrize("prompt", ["", "   "])
-def test_bad_empty_prompt(capsys, out, prompt):
-    bad(capsys, out, "generate", "-p", prompt, *FAST, "-o", out / "x.png", code=2, expect=["prompt is empty"])
-
-
-@pytest.mark.parametrize("flag, value, expect", [
-    ("--width", 500, "width must be a multiple of 16, got 500"),
-    ("--height", 1000, "height must be a multiple of 16, got 1000"),
-    ("--width", 128, "width must be between 256 and 2048, got 128"),
-    ("--height", 240, "height must be between 256 and 2048, got 240"),
-    ("--width", 4096, "width must be between 256 and 2048, got 4096"),
-    ("--height", 2064, "height must be between 256 and 2048, got 2064"),
-    ("--steps", 0, "steps must be between 1 and 100, got 0"),
-    ("--steps", -3, "steps must be between 1 and 100, got -3"),
-    ("--steps", 101, "steps must be between 1 and 100, got 101"),
-    ("--guidance", -1, "guidance must be between 0 and 30.0, got -1.0"),
-    ("--n", 0, "n must be between 1 and 16, got 0"),
-    ("--n", 17, "n must be between 1 and 16, got 17"),
-    ("--seed", -1, "seed must be between 0 and"),
-    ("--aspect", "5:4", "unknown aspect '5:4'; choose one of 1:1, 4:3"),
-])
-def test_bad_settings(capsys, out, flag, value, expect):
-    base = FAST if flag != "--aspect" else ["--model", "tiny-random", "--device", "cpu", "--steps", "2"]
-    bad(capsys, out, "generate", "-p", "a cat", *base, flag, value, "-o", out / "x.png", code=2, expect=[expect])
-
-
-def test_bad_aspect_and_size_together(capsys, out):
-    bad(capsys, out, "generate", "-p", "a cat", "--aspect", "1:1", "--width", "512", "-o", out / "x.png", code=2,
-        expect=["give either --aspect or --width/--height, not both"])
-
-
-def test_bad_model_path_does_not_exist(capsys, out, tmp_path):
-    missing = tmp_path / "nowhere" / "model"
-    bad(capsys, out, "generate", "-p", "a cat", *FAST, "--model", missing, "-o", out / "x.png", code=1,
-        expect=[str(missing), "does not exist", "zimage download"])
-
-
-def test_bad_folder_missing_component(capsys, out, model_copy):
-    import shutil
-
-    shutil.rmtree(model_copy / "vae")
-    bad(capsys, out, "generate", "-p", "a cat", *FAST, "--model", model_copy, "-o", out / "x.png", code=1,
-        expect=[str(model_copy), "vae/config.json"])
-
-
-def test_bad_truncated_safetensors(capsys, out, model_copy):
-    victim = sorted((model_copy / "transformer").glob("*.safetensors"))[0]
-    victim.write_bytes(victim.read_bytes()[:-100])
-    bad(capsys, out, "generate", "-p", "a cat", *FAST, "--model", model_copy, "-o", out / "x.png", code=1,
-        expect=[str(victim), "truncated"])
-
-
-@pytest.mark.parametrize("name, text, expect", [
-    ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "bad",\n', ":2: not valid JSON"),
-    ("p.jsonl", '{"prompt": "ok"}\n\n{"prompt": "a", "steps": 0}\n', ":3: steps must be between 1 and 100, got 0"),
-    ("p.jsonl", '{"prompt": "ok", "stepz": 3}\n', ":1: unknown key(s) stepz"),
-    ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "  "}\n', ':2: "prompt" is missing or empty'),
-    ("p.jsonl", '["a list"]\n', ":1: expected a JSON object, got list"),
-    ("p.jsonl", '{"prompt": "a", "width": 300}\n', ":1: width must be a multiple of 16, got 300"),
-    ("p.jsonl", '{"prompt": "a", "aspect": "2:1"}\n', ":1: unknown aspect '2:1'"),
-    ("p.jsonl", '{"prompt": "a"}\n{"prompt": "a", "aspect": "1:1", "width": 512}\n', ":2: give either an aspect"),
-    ("p.txt", 'a cat\n# fine\n{"prompt": "x", "n": 0}\n', ":3: n must be between 1 and 16, got 0"),
-    ("p.txt", "\n# only comments\n", "has no prompts"),
-])
-def test_bad_prompts_file_line(capsys, out, tmp_path, count_loads, name, text, expect):
-    pf = tmp_path / name
-    pf.write_text(text)
-    err = bad(capsys, out, "generate", "--prompts-file", pf, *FAST, "-o", f"{out}/", code=2, expect=[expect])
-    assert str(pf) in err
-    assert count_loads == []  # validated before the model loads
-
-
-def test_bad_prompts_file_missing(capsys, out, tmp_path):
-    bad(capsys, out, "generate", "--prompts-file", tmp_path / "nope.txt", "-o", f"{out}/", code=2,
-        expect=[str(tmp_path / "nope.txt"), "does not exist"])
-
-
-def test_bad_prompts_file_two_lines_same_output(capsys, out, tmp_path):
-    pf = tmp_path / "p.txt"
-    pf.write_text("a\nb\n")
-    bad(capsys, out, "generate", "--prompts-file", pf, *FAST, "-o", out / "same.png", code=2,
-        expect=["would be written twice"])
-
-
-def test_bad_output_folder_under_a_file(capsys, out, tmp_path):
-    """Writing under a regular file fails for root too (os.access would say a chmod-ed folder is writable)."""
-    blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    bad(capsys, out, "generate", "-p", "a cat", *FAST, "-o", blocker / "x.png", code=2,
-        expect=[str(blocker), "is not a folder"])
-    bad(capsys, out, "generate", "-p", "a cat", *FAST, "-o", f"{blocker}/sub/", code=2,
-        expect=[str(blocker / "sub"), "cannot be created"])
-    assert blocker.read_text() == "x"
-
-
-def test_bad_output_folder_does_not_exist(capsys, out, tmp_path):
-    bad(capsys, out, "generate", "-p", "a cat", *FAST, "-o", tmp_path / "missing" / "x.png", code=2,
-        expect=[str(tmp_path / "missing"), "does not exist"])
-    assert not (tmp_path / "missing").exists()
-
-
-def test_bad_output_not_png(capsys, out):
-    bad(capsys, out, "generate", "-p", "a cat", *FAST, "-o", out / "x.jpg", code=2, expect=["'" + str(out / "x.jpg")
-                                                                                           + "' must end in .png"])
-
-
-def test_bad_output_folder_read_only(capsys, out, tmp_path):
-    """A read-only folder: refused before loading when the check can see it (not root); for root, whom the kernel
-    lets write, the image is written, which is correct. Either way no partial file appears."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        rc, _, err = cli(capsys, "generate", "-p", "a cat", *FAST, "-o", ro / "x.png")
-        if os.geteuid() != 0:
-            assert rc == 2 and f"output folder {ro} is not writable" in err
-            assert files_in(ro) == []
-        else:
-            assert rc == 0 and files_in(ro) == ["x.png"]
-    finally:
-        ro.chmod(0o755)
-
-
-def test_bad_existing_output_without_overwrite(capsys, out):
-    target = out / "x.png"
-    target.write_bytes(b"precious")
-    bad(capsys, out, "generate", "-p", "a cat", *FAST, "-o", target, code=2,
-        expect=[str(target), "exists; pass --overwrite"])
-    assert target.read_bytes() == b"precious"
-
-
-def test_bad_existing_numbered_output_without_overwrite(capsys, out):
-    (out / "x-2.png").write_bytes(b"precious")
-    bad(capsys, out, "generate", "-p", "a cat", *FAST, "--n", "2", "-o", out / "x.png", code=2,
-        expect=[str(out / "x-2.png"), "exists"])
-    assert (out / "x-2.png").read_bytes() == b"precious"
-
-
-def test_bad_dtype(capsys, out):
-    bad(capsys, out, "generate", "-p", "a cat", *FAST, "--dtype", "fp8", "-o", out / "x.png", code=2,
-        expect=["unknown dtype 'fp8'", "bf16", "fp16", "fp32"])
-
-
-@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cpu:1", "gpu"])
-def test_bad_device(capsys, out, device):
-    bad(capsys, out, "generate", "-p", "a cat", *FAST, "--device", device, "-o", out / "x.png", code=2,
-        expect=[f"unknown device {device!r}", "cpu", "cuda"])
-
-
-def test_bad_cuda_without_gpu(capsys, out):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    args = [a for a in FAST if a not in ("--device", "cpu")]
-    bad(capsys, out, "generate", "-p", "a cat", *args, "--device", "cuda", "-o", out / "x.png", code=1,
-        expect=["--device cuda", "no CUDA GPU"])
-    bad(capsys, out, "info", "--device", "cuda:1", code=1, expect=["--device cuda:1", "no CUDA GPU"])
-
-
-def test_bad_from_png_without_parameters(capsys, out, tmp_path):
-    plain = tmp_path / "plain.png"
-    Image.new("RGB", (8, 8)).save(plain)
-    bad(capsys, out, "generate", "--from-png", plain, "-o", out / "x.png", code=2,
-        expect=[str(plain), "carries no zimage generation parameters"])
-    bad(capsys, out, "show", plain, code=2, expect=[str(plain), "carries no zimage generation parameters"])
-
-
-def test_bad_from_png_a1111_only(capsys, out, tmp_path):
-    from PIL.PngImagePlugin import PngInfo
-
-    a1111 = tmp_path / "a1111.png"
-    info = PngInfo()
-    info.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512")
-    Image.new("RGB", (8, 8)).save(a1111, pnginfo=info)
-    bad(capsys, out, "generate", "--from-png", a1111, "-o", out / "x.png", code=2,
-        expect=["no zimage generation parameters", "it has A1111 parameters"])
-
-
-def test_bad_from_png_not_an_image(capsys, out, tmp_path):
-    junk = tmp_path / "junk.png"
-    junk.write_text("not a png")
-    bad(capsys, out, "generate", "--from-png", junk, "-o", out / "x.png", code=2,
-        expect=[str(junk), "is not a readable image"])
-    bad(capsys, out, "generate", "--from-png", tmp_path / "gone.png", "-o", out / "x.png", code=2,
-        expect=[str(tmp_path / "gone.png"), "does not exist"])
-
-
-def test_bad_two_sources(capsys, out, tmp_path):
-    bad(capsys, out, "generate", "-p", "a", "--prompts-file", tmp_path / "p.txt", "-o", out / "x.png", code=2,
-        expect=["exactly one of --prompt, --prompts-file, --from-png"])
-    bad(capsys, out, "generate", "-o", out / "x.png", code=2, expect=["exactly one of"])
-
-
-def test_bad_argparse_type(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["generate", "-p", "a", "--steps", "many"])
-    assert info.value.code == 2
-    assert "--steps: invalid int value: 'many'" in capsys.readouterr().err
-
-
 # ------------------------------------------------------------------------------------------------ subprocess
 def run_zimage(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -501,17 +372,52 @@ def test_subprocess_generate(tmp_path):
     assert json.loads(Image.open(tmp_path / "cat.png").text["zimage"])["seed"] == 4
 
 
-def test_entry_flushes_and_exits_with_mains_code(monkeypatch):
-    """The console script skips the interpreter's teardown (os._exit) after flushing; the subprocess tests above and
-    below run through it and see its stdout and exit codes."""
+def test_entry_fast_exit_only_for_generate(monkeypatch):
+    """`generate` skips the interpreter's teardown (os._exit, after flushing); every other command returns through
+    sys.exit, so atexit handlers, non-daemon threads and finalizers run as a library user expects."""
     from zimage.cli import main as cli_main
 
     calls = []
-    monkeypatch.setattr(cli_main, "main", lambda: 3)
+    monkeypatch.setattr(cli_main, "run", lambda args: 3)
     monkeypatch.setattr(cli_main.logging, "shutdown", lambda: calls.append("logging flushed"))
-    monkeypatch.setattr(cli_main.os, "_exit", lambda code: calls.append(code))
-    cli_main.entry()
-    assert calls == ["logging flushed", 3]
+    monkeypatch.setattr(cli_main.os, "_exit", lambda code: calls.append(("os._exit", code)))
+
+    def sys_exit(code):
+        calls.append(("sys.exit", code))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli_main.sys, "exit", sys_exit)
+    cli_main.entry(["generate", "-p", "x"])
+    assert calls == ["logging flushed", ("os._exit", 3)]
+    calls.clear()
+    for command in (["serve"], ["info"], ["show", "x.png"], ["plan"], ["download"], ["make-tiny", "x"]):
+        with pytest.raises(SystemExit):
+            cli_main.entry(command)
+    assert calls == [("sys.exit", 3)] * 6
+
+
+ATEXIT_PROBE = """
+import atexit, sys
+atexit.register(lambda: print("atexit handlers ran", flush=True))
+import zimage.cli.serve
+zimage.cli.serve.run = lambda args: 0  # serve's exit path, without starting a server
+from zimage.cli.main import entry
+entry(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("argv, atexit_runs", [
+    (["serve"], True),
+    (["info", "--model", "tiny-random", "--device", "cpu"], True),
+    (["generate", "-p", "a cat", *FAST, "-o", "x.png"], False),
+])
+def test_atexit_handlers_run_except_after_generate(tmp_path, argv, atexit_runs):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    p = subprocess.run([sys.executable, "-c", ATEXIT_PROBE, *argv], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert ("atexit handlers ran" in p.stdout) == atexit_runs, (p.stdout, p.stderr)
 
 
 def test_subprocess_usage_error_exit_code_and_message(tmp_path):

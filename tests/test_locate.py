@@ -198,6 +198,27 @@ def test_revision_recorded_in_png(tmp_path, tiny_folder, monkeypatch, capsys):
     assert f"Model hash: {REV[:10]}" in meta.a1111_parameters()
 
 
+def test_from_png_uses_the_recorded_repo_and_notes_another_revision(tmp_path, tiny_folder, monkeypatch, capsys):
+    """--from-png without --model finds the recorded repo id in the cache; when the cache holds another revision
+    than the PNG records, a note says so (the image may differ)."""
+    from zimage.cli.main import main
+
+    make_hf_cache(tmp_path / "hub", tiny_folder)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    first = tmp_path / "first.png"
+    fast = ["--device", "cpu", "--width", "256", "--height", "256", "--steps", "1", "--seed", "1"]
+    assert main(["generate", "-p", "a cat", "--model", REPO, *fast, "-o", str(first)]) == 0
+    assert main(["generate", "--from-png", str(first), "--device", "cpu", "-o", str(tmp_path / "same.png")]) == 0
+    assert "revision" not in capsys.readouterr().err
+    other = "fedcba9876543210fedcba9876543210fedcba98"
+    snapshots = tmp_path / "hub" / "models--Some-Org--Z-Image-Test" / "snapshots"
+    (snapshots / REV).rename(snapshots / other)
+    (snapshots.parent / "refs" / "main").write_text(other)
+    assert main(["generate", "--from-png", str(first), "--device", "cpu", "-o", str(tmp_path / "other.png")]) == 0
+    assert (f"note: {first} was made with revision {REV[:10]} of {REPO}; the one found is {other[:10]}, so the "
+            "image may differ") in capsys.readouterr().err
+
+
 def test_info_says_where_the_model_is(tmp_path, tiny_folder, monkeypatch, capsys):
     from zimage.cli.main import main
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 
 import pytest
 from PIL import Image
 
-from zimage.errors import UsageError, ZImageError
+from zimage.errors import UsageError, WriteError, ZImageError
 from zimage.io.metadata import ImageMetadata
 from zimage.io.png import encode_png, read_metadata, read_png_text, save_png
 from zimage.version import __version__
@@ -80,27 +83,65 @@ def test_no_overwrite_unless_asked(tmp_path):
     assert read_metadata(target) == META
 
 
-def test_failed_write_leaves_nothing(tmp_path):
-    class Broken:
-        def save(self, f, **kwargs):
-            f.write(b"\x89PNG half")
-            raise OSError("disk full")
+class FailsMidWrite:
+    """An image whose encoder writes part of the file, then gets an OSError from the file system (what a full disk,
+    an exceeded quota or a file system remounted read-only does to PIL's writes)."""
 
-    with pytest.raises(OSError, match="disk full"):
-        save_png(Broken(), tmp_path / "a.png", META)
+    def __init__(self, errno_: int):
+        self.errno = errno_
+
+    def save(self, f, **kwargs):
+        f.write(b"\x89PNG half")
+        f.flush()
+        raise OSError(self.errno, os.strerror(self.errno))
+
+
+@pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO])
+def test_failed_write_is_a_write_error_and_leaves_nothing(tmp_path, errno_):
+    target = tmp_path / "a.png"
+    with pytest.raises(WriteError) as info:
+        save_png(FailsMidWrite(errno_), target, META)
+    assert str(info.value) == f"cannot write {target}: {os.strerror(errno_)}; no file was written"
+    assert info.value.exit_code == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("errno_", [errno.EROFS, errno.EACCES, errno.ENOSPC])
+def test_temporary_file_that_cannot_be_created_is_a_write_error(tmp_path, monkeypatch, errno_):
+    """The error comes from creating the temporary file (a read-only file system, a folder the user may not write,
+    no inodes left): the message names the target, not the temporary name."""
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if str(path).endswith(".part"):
+            raise OSError(errno_, os.strerror(errno_), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    target = tmp_path / "a.png"
+    with pytest.raises(WriteError, match=f"^cannot write {re.escape(str(target))}: {os.strerror(errno_)}; "):
+        save_png(image(), target, META)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_overwrite_keeps_the_old_file(tmp_path):
-    class Broken:
-        def save(self, f, **kwargs):
-            raise OSError("disk full")
-
     target = tmp_path / "a.png"
     target.write_bytes(b"old")
-    with pytest.raises(OSError):
-        save_png(Broken(), target, META, overwrite=True)
+    with pytest.raises(WriteError) as info:
+        save_png(FailsMidWrite(errno.ENOSPC), target, META, overwrite=True)
+    assert str(info.value).endswith("; the existing file is unchanged")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+def test_other_failures_leave_nothing_and_pass_through(tmp_path):
+    class Interrupted:
+        def save(self, f, **kwargs):
+            f.write(b"\x89PNG half")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_png(Interrupted(), tmp_path / "a.png", META)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_from_json_ignores_unknown_fields():

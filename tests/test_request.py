@@ -171,3 +171,33 @@ def test_parse_size():
     assert info.value.param == "size"
     with pytest.raises(UsageError, match="height must be a multiple of 16, got 770"):
         parse_size("512x770")
+
+
+# Text that cannot be encoded as UTF-8: on Linux, command-line bytes that are not UTF-8 arrive as lone surrogates
+# (surrogateescape); JSON can spell one too ("\udcff"). The tokenizer and the PNG writer fail on them after the
+# model has loaded, so the request refuses them, naming the prompt and the character's position.
+@pytest.mark.parametrize("changes, where, position, char", [
+    (dict(prompts=("\udcff\udcfe cat",)), "prompt", 1, "'\\udcff'"),
+    (dict(prompts=("a cat \ud83d",)), "prompt", 7, "'\\ud83d'"),
+    (dict(prompts=("a cat", "a d\udc80g")), "prompt 2", 4, "'\\udc80'"),
+    (dict(negative_prompt="blur\udcffry", guidance=2.0), "negative prompt", 5, "'\\udcff'"),
+    (dict(negative_prompt="blur\udcffry"), "negative prompt", 5, "'\\udcff'"),  # ignored at guidance 0, still text
+])
+def test_text_that_is_not_utf8_is_refused(changes, where, position, char):
+    e = bad(**changes)
+    message = str(e)
+    assert message.startswith(f"{where} cannot be encoded as UTF-8: character {position} is {char}"), message
+    assert e.param == ("negative_prompt" if where == "negative prompt" else "prompt")
+    message.encode("utf-8")  # the message itself is printable
+
+
+def test_non_ascii_text_is_fine():
+    r = GenerateRequest(**{**OK, "prompts": ("un café, «neon» 猫 🐈",), "negative_prompt": "flou"})
+    assert r.prompts == ("un café, «neon» 猫 🐈",)
+
+
+def test_negative_prompt_ignored_without_guidance():
+    assert GenerateRequest(**{**OK, "negative_prompt": "blurry"}).negative_prompt_ignored
+    assert not GenerateRequest(**{**OK, "negative_prompt": "blurry", "guidance": 1.0}).negative_prompt_ignored
+    assert not GenerateRequest(**{**OK, "negative_prompt": "  "}).negative_prompt_ignored
+    assert not GenerateRequest(**OK).negative_prompt_ignored

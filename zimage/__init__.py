@@ -6,7 +6,9 @@ engine is loaded (a CLI `--help` or a server's argument parsing never pays for t
     from zimage import Engine, EngineConfig, GenerateRequest
     engine = Engine.load(EngineConfig(model="Tongyi-MAI/Z-Image-Turbo"))
     result = engine.generate(GenerateRequest(prompts=("a cat in the snow",), seed=42))
-    result.images[0].save("cat.png")
+    result.images[0].image.save("cat.png")  # a GeneratedImage: .image (PIL), .metadata (how it was made)
+
+(`zimage.io.png.save_png(image.image, path, image.metadata)` also writes the generation parameters into the PNG.)
 """
 
 from zimage.version import __version__

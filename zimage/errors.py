@@ -25,6 +25,11 @@ class ModelFolderError(ZImageError):
     """A model folder that exists but is incomplete or damaged (missing part, truncated file, bad shape)."""
 
 
+class WriteError(ZImageError):
+    """An output file could not be written (disk full, quota, read-only file system, no permission). The message
+    names the file and the reason; nothing half-written is left behind."""
+
+
 class DeviceError(ZImageError):
     """A device that is not there, or a dtype it cannot run."""
 

@@ -71,11 +71,13 @@ class GenerateRequest:
                 raise UsageError(f"{where} is empty; give a description of the image", param="prompt")
             if len(p) > MAX_PROMPT_CHARS:
                 raise UsageError(f"{where} has {len(p)} characters; the limit is {MAX_PROMPT_CHARS}", param="prompt")
+            _check_utf8(where, p, "prompt")
         object.__setattr__(self, "prompts", prompts)
         if not isinstance(self.negative_prompt, str):
             raise UsageError(f"negative prompt must be text, got {self.negative_prompt!r}", param="negative_prompt")
         if len(self.negative_prompt) > MAX_PROMPT_CHARS:
             raise UsageError(f"negative prompt is longer than {MAX_PROMPT_CHARS} characters", param="negative_prompt")
+        _check_utf8("negative prompt", self.negative_prompt, "negative_prompt")
         self._prepare_image()
         check_side("width", self.width)
         check_side("height", self.height)
@@ -127,6 +129,11 @@ class GenerateRequest:
     def cfg(self) -> bool:
         return self.guidance > 0
 
+    @property
+    def negative_prompt_ignored(self) -> bool:
+        """A negative prompt was given but guidance is 0, so it has no effect: entrypoints tell the user."""
+        return bool(self.negative_prompt.strip()) and not self.cfg
+
     def image_prompts(self) -> list[str]:
         """The prompt of each image, prompt-major (p0 x n, p1 x n, ...)."""
         return [p for p in self.prompts for _ in range(self.n)]
@@ -155,6 +162,20 @@ def check_strength(strength) -> float:
             param="strength",
         )
     return s
+
+
+def _check_utf8(where: str, text: str, param: str) -> None:
+    """Refuse text that has no UTF-8 form: lone surrogates. On Linux, command-line bytes that are not UTF-8 arrive as
+    these (Python's surrogateescape), and JSON can spell them ("\\udcff"); the tokenizer and the PNG writer would
+    fail on them only after the model has loaded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(
+            f"{where} cannot be encoded as UTF-8: character {e.start + 1} is {text[e.start]!r}, a lone surrogate "
+            "(what bytes that are not UTF-8 become on a command line); give the text in UTF-8",
+            param=param,
+        ) from None
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:

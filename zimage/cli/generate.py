@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from zimage.cli.common import add_model_flags, engine_config
+from zimage.engine.config import EngineConfig
 from zimage.errors import UsageError
-from zimage.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, GenerateRequest
+from zimage.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, MAX_PROMPT_CHARS, GenerateRequest
 from zimage.sizes import ASPECT_PRESETS, size_for_aspect
+from zimage.weights.layout import DEFAULT_MODEL_ID, TINY_MODEL_ID
 
 log = logging.getLogger("zimage")
 
@@ -22,13 +24,17 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="make images from prompts",
                        description="Make images from a prompt, a prompts file, or the parameters stored in a PNG.")
     src = p.add_argument_group("what to make")
-    src.add_argument("--prompt", "-p", help="the text to draw")
+    src.add_argument("--prompt", "-p", help=f"the text to draw: at most {MAX_PROMPT_CHARS:,} characters, of which "
+                                              f"the text encoder reads the first {EngineConfig.max_text_tokens} "
+                                              "tokens (more are cut, with a warning)")
     src.add_argument("--prompts-file", type=Path, metavar="FILE",
                      help="one prompt a line, or JSONL with settings per line (keys: prompt, negative_prompt, width, "
                           "height, aspect, steps, guidance, seed, n, output)")
-    src.add_argument("--from-png", type=Path, metavar="FILE", help="remake the image whose parameters FILE carries "
-                                                                   "(flags given here override them)")
-    src.add_argument("--negative-prompt", help="what to avoid (used when --guidance > 0)")
+    src.add_argument("--from-png", type=Path, metavar="FILE",
+                     help="remake the image whose parameters FILE carries, with the model it records (flags given "
+                          "here override them, --model included)")
+    src.add_argument("--negative-prompt", help=f"what to avoid, used only when --guidance > 0: at most "
+                                                 f"{MAX_PROMPT_CHARS:,} characters")
     opt = p.add_argument_group("settings")
     opt.add_argument("--width", type=int, help=f"pixels, multiple of 16, 256..2048 (default {DEFAULT_SIZE})")
     opt.add_argument("--height", type=int, help=f"pixels, multiple of 16, 256..2048 (default {DEFAULT_SIZE})")
@@ -43,7 +49,13 @@ def register(sub) -> None:
                           "(default: current folder, names from prompt and seed)")
     out.add_argument("--overwrite", action="store_true", help="replace existing files")
     add_model_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, model=DefaultModel(DEFAULT_MODEL_ID))
+
+
+class DefaultModel(str):
+    """--model's default, told apart from the same text typed by the user: argparse stores a default's own object
+    when the flag is absent and a plain str from argv when it is given. --from-png needs to know which (the model
+    the PNG records is used unless --model is given), and --help still prints the default as text."""
 
 
 @dataclass
@@ -51,14 +63,26 @@ class Job:
     request: GenerateRequest
     paths: list[Path]
     label: str  # where it came from, for messages
+    made_with: object = None  # --from-png: the PNG's ImageMetadata
 
 
-def _settings_from_png(path: Path) -> dict:
-    from zimage.io.png import read_metadata
-
-    m = read_metadata(path)
+def _settings_from_png(m) -> dict:
     return dict(prompt=m.prompt, negative_prompt=m.negative_prompt, width=m.width, height=m.height, steps=m.steps,
                 guidance=m.guidance, seed=m.seed)
+
+
+def model_to_load(args, jobs: list[Job]) -> str:
+    """--model when given; else, for --from-png, the model the PNG records: a repo id (looked up in the caches as
+    --model would be) or tiny-random. A PNG made from a folder records only the folder's name (an image may be
+    shared; its path would say more than it should), so that one needs --model."""
+    made_with = jobs[0].made_with
+    if not isinstance(args.model, DefaultModel) or made_with is None:
+        return str(args.model)
+    recorded = made_with.model
+    if recorded == TINY_MODEL_ID or (recorded.count("/") == 1 and not recorded.startswith((".", "/", "~"))):
+        return recorded
+    raise UsageError(f"{args.from_png} was made with the model in a folder named {recorded!r} (a PNG records a "
+                     "folder's name, not its path); pass --model with that folder", param="model")
 
 
 def _request(settings: dict, where: str) -> GenerateRequest:
@@ -111,12 +135,39 @@ def plan_jobs(args) -> list[Job]:
             output = line.settings.get("output", args.output)
             jobs.append(Job(req, planner.plan(output, req.image_prompts(), req.image_seeds()), where))
         return jobs
-    base = _settings_from_png(args.from_png) if args.from_png is not None else {"prompt": args.prompt}
+    made_with = None
+    if args.from_png is not None:
+        from zimage.io.png import read_metadata
+
+        made_with = read_metadata(args.from_png)
+    base = _settings_from_png(made_with) if made_with is not None else {"prompt": args.prompt}
     settings = {**base, **flags}
     if "aspect" in flags:  # --aspect replaces the PNG's size
         settings.pop("width", None), settings.pop("height", None)
     req = _request(settings, "arguments")
-    return [Job(req, planner.plan(args.output, req.image_prompts(), req.image_seeds()), "arguments")]
+    return [Job(req, planner.plan(args.output, req.image_prompts(), req.image_seeds()), "arguments", made_with)]
+
+
+def _warn_ignored_negative_prompt(args, jobs: list[Job]) -> None:
+    """One warning a run when a negative prompt has no effect (guidance 0 turns classifier-free guidance off)."""
+    where = [j.label for j in jobs if j.request.negative_prompt_ignored]
+    if not where:
+        return
+    if args.prompts_file is None:
+        what = "--negative-prompt" if args.negative_prompt is not None else f"the negative prompt of {args.from_png}"
+        print(f"warning: {what} is used only with --guidance > 0; it is ignored", file=sys.stderr)
+        return
+    shown = ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+    print(f"warning: a negative prompt is used only with guidance > 0; it is ignored for {shown}", file=sys.stderr)
+
+
+def _note_other_revision(args, made_with, location) -> None:
+    """The same repo id at another revision can make another image: say so rather than pass it off as a remake."""
+    if made_with is None or location.model_id != made_with.model:
+        return
+    if made_with.model_revision and location.revision and made_with.model_revision != location.revision:
+        print(f"note: {args.from_png} was made with revision {made_with.model_revision[:10]} of {made_with.model}; "
+              f"the one found is {location.revision[:10]}, so the image may differ", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -124,25 +175,31 @@ def run(args) -> int:
 
     from zimage.engine.driver_init import start_in_background
     from zimage.engine.engine import Engine
+    from zimage.io.output_names import create_folder
     from zimage.io.png import save_png
 
     jobs = plan_jobs(args)  # all validation before the model loads
+    model = model_to_load(args, jobs)
+    _warn_ignored_negative_prompt(args, jobs)
     start_in_background(args.device)  # CUDA's driver start-up overlaps the import of torch (cold start)
     total = sum(j.request.num_images for j in jobs)
-    engine = Engine.load(engine_config(args, show_progress=True, expected_images=total, first=jobs[0].request))
+    config = engine_config(args, show_progress=True, expected_images=total, first=jobs[0].request)
+    engine = Engine.load(replace(config, model=model))
+    _note_other_revision(args, jobs[0].made_with, engine.location)
     if engine.location.source == "tiny":
         print("note: --model tiny-random is a tiny randomly initialised stand-in; its images are noise. "
               "Run `zimage download` for the real weights.", file=sys.stderr)
-    bar = tqdm(total=total, desc="images", unit="img", disable=total < 2)
-    for job in jobs:
-        result = engine.generate(job.request)
-        for img, path in zip(result.images, job.paths):
-            save_png(img.image, path, img.metadata, overwrite=args.overwrite)
-            log.debug("saved %s", path)
-            print(path)
-        bar.update(len(result.images))
-        t = result.timings
-        bar.write(f"{len(result.images)} image(s) in {t['total']:.2f}s (encode {t['encode']:.2f}s, denoise "
-                  f"{t['denoise']:.2f}s, decode {t['decode']:.2f}s)", file=sys.stderr)
-    bar.close()
+    # `with`: an error closes the bar before main() prints the message, which then stays the last line.
+    with tqdm(total=total, desc="images", unit="img", disable=total < 2) as bar:
+        for job in jobs:
+            result = engine.generate(job.request)
+            for img, path in zip(result.images, job.paths):
+                create_folder(path.parent)
+                save_png(img.image, path, img.metadata, overwrite=args.overwrite)
+                log.debug("saved %s", path)
+                print(path)
+            bar.update(len(result.images))
+            t = result.timings
+            bar.write(f"{len(result.images)} image(s) in {t['total']:.2f}s (encode {t['encode']:.2f}s, denoise "
+                      f"{t['denoise']:.2f}s, decode {t['decode']:.2f}s)", file=sys.stderr)
     return 0

@@ -34,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Parse `argv` (default: the command line) and run the command; returns its exit code."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
     # Our own notes (loading summary, plans) at INFO; libraries stay at WARNING unless -v. With -v, zimage's
     # timeline of each phase (DEBUG), stamped with milliseconds since the process imported logging (~its start).
     fmt = "%(relativeCreated)7.0f ms %(levelname)s: %(message)s" if args.verbose else "%(levelname)s: %(message)s"
@@ -51,13 +54,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def entry() -> NoReturn:
-    """The `zimage` console script and `python -m zimage`: main(), then an exit that skips the interpreter's
-    teardown. After a model was loaded that teardown frees ~21 GB of GPU memory block by block, the pinned host
-    buffers and torch's modules: 0.8-1.2 s of waiting after the PNG is saved, 0.3 s without (H200, BENCHMARKS.md); the
-    OS reclaims it all at once. Every file a command writes is closed before main returns; streams are flushed here.
-    (main() itself returns normally, for callers from Python.)"""
-    code = main()
+FAST_EXIT = ("generate",)  # commands that end with a loaded model and nothing left to run
+
+
+def entry(argv: list[str] | None = None) -> NoReturn:
+    """The `zimage` console script and `python -m zimage`.
+
+    After `generate`, an exit that skips the interpreter's teardown: after a model was loaded that teardown frees
+    ~21 GB of GPU memory block by block, the pinned host buffers and torch's modules: 0.8-1.2 s of waiting after the
+    PNG is saved, 0.3 s without (H200, BENCHMARKS.md); the OS reclaims it all at once. Every file generate writes is
+    closed before it returns; streams are flushed here. Every other command (the server above all, whose shutdown
+    may rely on atexit handlers, finalizers and non-daemon threads) exits normally, through sys.exit."""
+    args = build_parser().parse_args(argv)
+    code = run(args)
+    if args.command not in FAST_EXIT:
+        sys.exit(code)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,5 +1,6 @@
 """Choosing output file names: explicit names are never overwritten (unless asked), automatic names take the
-next free number. All names are planned and checked before the model loads, so a bad output fails fast."""
+next free number. All names are planned and checked before the model loads, so a bad output fails fast; planning
+creates nothing (folders are made when their first image is saved)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from zimage.errors import UsageError
+from zimage.errors import UsageError, WriteError
 
 
 def slug(prompt: str, length: int = 40) -> str:
@@ -19,18 +20,33 @@ def is_directory_target(output: str) -> bool:
     return output.endswith(("/", os.sep)) or Path(output).is_dir()
 
 
-def check_writable_folder(folder: Path, create: bool) -> None:
+def check_writable_folder(folder: Path, may_create: bool) -> None:
+    """A UsageError unless images can be written in `folder`. Planning writes nothing: a folder that does not exist
+    yet (and may be created) is checked at its nearest existing parent, and made by create_folder when its first
+    image is saved, so that a bad input found later in the planning leaves no empty folder behind."""
     if not folder.exists():
-        if not create:
+        if not may_create:
             raise UsageError(f"output folder {folder} does not exist", param="output")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"output folder {folder} cannot be created: {e.strerror}", param="output") from None
+        parent = folder.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UsageError(f"output folder {folder} cannot be created: {parent} is not a folder", param="output")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"output folder {folder} cannot be created: {parent} is not writable", param="output")
+        return
     if not folder.is_dir():
         raise UsageError(f"output folder {folder} is not a folder", param="output")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"output folder {folder} is not writable", param="output")
+
+
+def create_folder(folder: Path) -> None:
+    """Make a planned output folder (and its parents) just before an image is saved in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"output folder {folder} cannot be created: {e.strerror or e}") from None
 
 
 class OutputPlanner:
@@ -45,12 +61,12 @@ class OutputPlanner:
         or a folder (names from prompt and seed)."""
         if is_directory_target(output):
             folder = Path(output)
-            check_writable_folder(folder, create=True)
+            check_writable_folder(folder, may_create=True)
             return [self._free(folder / f"{slug(p)}-{s}.png") for p, s in zip(prompts, seeds)]
         path = Path(output)
         if path.suffix.lower() != ".png":
             raise UsageError(f"--output {output!r} must end in .png (or be a folder, ending in /)", param="output")
-        check_writable_folder(path.parent if str(path.parent) else Path("."), create=False)
+        check_writable_folder(path.parent if str(path.parent) else Path("."), may_create=False)
         if len(seeds) == 1:
             paths = [path]
         else:

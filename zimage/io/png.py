@@ -6,7 +6,7 @@ import os
 import secrets
 from pathlib import Path
 
-from zimage.errors import UsageError, ZImageError
+from zimage.errors import UsageError, WriteError, ZImageError
 from zimage.io.metadata import ImageMetadata
 
 JSON_KEY = "zimage"
@@ -23,23 +23,36 @@ def png_info(meta: ImageMetadata):
 
 
 def save_png(image, path: Path, meta: ImageMetadata, overwrite: bool = False) -> Path:
-    """Write `image` to `path` with metadata. The file appears complete or not at all."""
+    """Write `image` to `path` with metadata. The file appears complete or not at all: it is written to a temporary
+    file beside it, then renamed. A file system error (disk full, quota, read-only, permission) is a WriteError
+    naming `path`; the temporary file is removed and an existing file at `path` is left as it was."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    existed = path.exists()
+    if existed and not overwrite:
         raise UsageError(f"{path} exists; pass --overwrite to replace it, or choose another --output", param="output")
     folder = path.parent if str(path.parent) else Path(".")
     tmp = folder / f".{path.name}.{secrets.token_hex(6)}.part"
-    # Created as any new file of the user's (mode 0666 less the umask, applied by the OS): tempfile.mkstemp would
-    # make it private (0600). O_EXCL: never an existing file, nor a symlink planted at that name.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
+        # Created as any new file of the user's (mode 0666 less the umask, applied by the OS): tempfile.mkstemp
+        # would make it private (0600). O_EXCL: never an existing file, nor a symlink planted at that name.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as e:
+        raise _write_error(path, e, existed) from None
+    try:
+        with os.fdopen(fd, "wb") as f:  # closing flushes: a full disk may first show here
             image.save(f, format="PNG", pnginfo=png_info(meta))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e, existed) from None
         raise
     return path
+
+
+def _write_error(path: Path, e: OSError, existed: bool) -> WriteError:
+    kept = "the existing file is unchanged" if existed else "no file was written"
+    return WriteError(f"cannot write {path}: {e.strerror or e}; {kept}")
 
 
 def encode_png(image, meta: ImageMetadata) -> bytes:

@@ -35,7 +35,7 @@ MODEL_INDEX = "model_index.json"
 HOW_TO_GET = (
     "Get the weights with one of:\n"
     "  zimage download                                   (Hugging Face, ~33 GB)\n"
-    "  huggingface-cli download Tongyi-MAI/Z-Image-Turbo\n"
+    "  hf download Tongyi-MAI/Z-Image-Turbo\n"
     "  modelscope download --model Tongyi-MAI/Z-Image-Turbo\n"
     "or pass --model /path/to/folder. To try zimage without weights: --model tiny-random (images are noise)."
 )

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from zimage.models.published import FULL_TEXT, FULL_TRANSFORMER, FULL_VAE  # noqa: F401 (re-exported)
@@ -68,14 +69,46 @@ def build_tokenizer(folder: Path, vocab_size: int = 1024):
 
 
 def build_model_folder(folder: Path, full_size: bool = False, seed: int = 0, device: str = "cpu") -> Path:
-    """Write a random-weight Z-Image folder in the published layout to `folder` (created)."""
+    """Write a random-weight Z-Image folder in the published layout to `folder` (created). The same seed gives the
+    same weights; torch's global random state is as it was afterwards."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _seeded_global_generators(seed, device):
+        return _build(folder, full_size, device)
+
+
+@contextmanager
+def _seeded_global_generators(seed: int, device: str):
+    """diffusers' and transformers' constructors draw their initial weights from torch's global generators (they
+    take no generator), so a local torch.Generator cannot seed them. Instead the global generators that the build
+    uses (the CPU one, and the one of `device` if it is an accelerator) are seeded inside the build and restored on
+    exit: the caller's random streams go on as before, and the weights are those that torch.manual_seed(seed) gave
+    (torch.manual_seed itself would also seed every CUDA device, or queue that for a CUDA not yet started)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+        return
+    module = torch.get_device_module(dev.type)  # torch.cuda, torch.mps, ...
+    index = dev.index if dev.index is not None else getattr(module, "current_device", lambda: 0)()
+    with torch.random.fork_rng(devices=[index], device_type=dev.type):
+        torch.default_generator.manual_seed(seed)
+        if hasattr(module, "device"):  # several devices (CUDA): seed the one used
+            with module.device(index):
+                module.manual_seed(seed)
+        else:  # one device (MPS)
+            module.manual_seed(seed)
+        yield
+
+
+def _build(folder: Path, full_size: bool, device: str) -> Path:
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     tokenizer = build_tokenizer(folder / "tokenizer")
     text_shape = FULL_TEXT if full_size else dict(TINY_TEXT, vocab_size=len(tokenizer))
     with torch.device(device):
