@@ -62,6 +62,19 @@ RECORD = dict(prompt="a cat", negative_prompt="", seed=1, steps=1, guidance=0.0,
               model="tiny-random", model_revision=None, dtype="fp32")
 
 
+def picture_png(size=(256, 256), mode="RGB", color=(120, 30, 200)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PICTURE = picture_png()
+MASK_WHITE, MASK_BLACK = picture_png(mode="L", color=255), picture_png(mode="L", color=0)
+MASK_SMALL = picture_png((128, 128), mode="L", color=255)
+
+
 def remove_vae(folder: Path) -> None:
     shutil.rmtree(folder / "vae")
 
@@ -73,6 +86,7 @@ def truncate_first_transformer_shard(folder: Path) -> None:
 
 PF = ("--prompts-file", "{tmp}/p.jsonl", *FAST, "-o", "{tmp}/out/")  # a prompts file's cases: p.jsonl
 OUT = ("-o", "{tmp}/x.png")
+IMG = ("--model", "tiny-random", "--device", "cpu", "--steps", "1")  # image-input cases: the image sets the size
 
 CASES = {
     # -------------------------------------------------------------------------------- prompts
@@ -200,6 +214,47 @@ CASES = {
         files={"in.png": png({**RECORD, "model": "Z-Image-Tiny"})}),
     "from-png with a bad override": Case(gen("--from-png", "{tmp}/in.png", "--steps", "0", *OUT), 2,
                                          ("steps must be between 1 and 100, got 0",), files={"in.png": png(RECORD)}),
+    # -------------------------------------------------------------------------------- image inputs
+    "strength 0": Case(gen("-p", "a cat", "--image", "{tmp}/in.png", "--strength", "0", *IMG, *IMG, *OUT), 2,
+                       ("strength must be greater than 0 and at most 1", "got 0.0"), files={"in.png": PICTURE}),
+    "strength 1.5": Case(gen("-p", "a cat", "--image", "{tmp}/in.png", "--strength", "1.5", *IMG, *IMG, *OUT), 2, ("got 1.5",),
+                         files={"in.png": PICTURE}),
+    "strength nan": Case(gen("-p", "a cat", "--image", "{tmp}/in.png", "--strength", "nan", *IMG, *IMG, *OUT), 2, ("got nan",),
+                         files={"in.png": PICTURE}),
+    "image that does not exist": Case(gen("-p", "a cat", "--image", "{tmp}/gone.png", *IMG, *IMG, *OUT), 2,
+                                      ("image file {tmp}/gone.png does not exist",)),
+    "image that is not a picture": Case(gen("-p", "a cat", "--image", "{tmp}/in.png", *IMG, *IMG, *OUT), 2,
+                                        ("{tmp}/in.png is not a picture zimage reads; use PNG, JPEG or WebP",),
+                                        files={"in.png": "hello"}),
+    "mask without an image": Case(gen("-p", "a cat", "--mask", "{tmp}/m.png", *IMG, *IMG, *OUT), 2, ("--mask needs --image",),
+                                  files={"m.png": MASK_WHITE}),
+    "strength without an image": Case(gen("-p", "a cat", "--strength", "0.5", *IMG, *IMG, *OUT), 2, ("--strength needs --image",)),
+    "all-black mask": Case(gen("-p", "a cat", "--image", "{tmp}/in.png", "--mask", "{tmp}/m.png", *IMG, *IMG, *OUT), 2,
+                           ("the mask {tmp}/m.png is all black: nothing to repaint",),
+                           files={"in.png": PICTURE, "m.png": MASK_BLACK}),
+    "mask of another size": Case(gen("-p", "a cat", "--image", "{tmp}/in.png", "--mask", "{tmp}/m.png", *IMG, *IMG, *OUT), 2,
+                                 ("is 128x128 but the image is 256x256", "choose a resize mode"),
+                                 files={"in.png": PICTURE, "m.png": MASK_SMALL}),
+    "outpaint beyond the size limit": Case(gen("-p", "a cat", "--image", "{tmp}/in.png", "--outpaint", "0,0,2000,0", *IMG, *IMG, *OUT), 2,
+                                           ("gives a 2256x256 canvas: width must be between 256 and 2048",),
+                                           files={"in.png": PICTURE}),
+    "outpaint with a mask": Case(gen("-p", "a cat", "--image", "{tmp}/in.png", "--outpaint", "0,0,16,0", "--mask",
+                                     "{tmp}/m.png", *IMG, *OUT), 2, ("leave out --mask",), files={"in.png": PICTURE, "m.png": MASK_WHITE}),
+    "from-png made from an image, without --image": Case(
+        gen("--from-png", "{tmp}/in.png", *IMG, *IMG, *OUT), 2, ("was made from an input image (300x256", "give it with --image"),
+        files={"in.png": png({**RECORD, "image": {"sha256": "ab" * 32, "width": 256, "height": 256,
+                                                  "source_width": 300, "source_height": 256}, "strength": 0.5})}),
+    # -------------------------------------------------------------------------------- LoRA
+    "lora that does not exist": Case(gen("-p", "a cat", "--lora", "{tmp}/none.safetensors", *IMG, *IMG, *OUT), 2,
+                                     ("LoRA '{tmp}/none.safetensors': no such file",), loads=True),
+    "lora strength out of range": Case(gen("-p", "a cat", "--lora", "{tmp}/x.safetensors:20", *IMG, *IMG, *OUT), 2,
+                                       ("the strength must be between -10 and 10, got 20",)),
+    "lora that is not safetensors": Case(gen("-p", "a cat", "--lora", "{tmp}/x.ckpt", *IMG, *IMG, *OUT), 2, ("{tmp}/x.ckpt",), loads=True,
+                                         files={"x.ckpt": b"PK\x03\x04" + b"\0" * 64}),
+    "from-png made with a LoRA that is gone": Case(
+        gen("--from-png", "{tmp}/in.png", *IMG, *IMG, *OUT), 2, ("was made with LoRA 'style'", "give it with --lora"),
+        files={"in.png": png({**RECORD, "loras": [{"name": "style", "file": "/nowhere/style.safetensors",
+                                                   "scale": 0.8, "sha256": "cd" * 32, "short_hash": "cdcdcdcdcdcd"}]})}),
     # -------------------------------------------------------------------------------- make-tiny
     "make-tiny onto a regular file": Case(
         ("make-tiny", "{tmp}/model"), 2, ("{tmp}/model is a file, not a folder",), files={"model": "precious"}),

@@ -36,9 +36,10 @@ def parse_lora(text: str) -> LoraSpec:
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
-            return LoraSpec(head, float(tail))
-        except ValueError:
-            pass
+            scale = float(tail)
+        except ValueError:  # no strength given: the ':' is part of the name (a Windows drive, say)
+            return LoraSpec(text)
+        return LoraSpec(head, scale)  # a strength out of range is an error, not a file name
     return LoraSpec(text)
 
 

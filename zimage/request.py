@@ -55,6 +55,7 @@ class GenerateRequest:
     resize: str | None = None  # fit | crop | stretch: how an image of another size meets width x height
     mask_blur: int = 0  # pixels: Gaussian blur of the mask's outline before it is binarised
     extra: dict = field(default_factory=dict, compare=False)  # free-form, carried into metadata (e.g. source)
+    inputs_prepared: bool = field(default=False, compare=False, repr=False)  # set once image/mask are at the size
 
     def __post_init__(self):
         prompts = self.prompts
@@ -111,15 +112,19 @@ class GenerateRequest:
             object.__setattr__(self, "width", DEFAULT_SIZE if self.width is None else self.width)
             object.__setattr__(self, "height", DEFAULT_SIZE if self.height is None else self.height)
             return
-        from zimage.io.input_image import prepare_inputs
+        from zimage.io.input_image import check_mask_blur, prepare_inputs
 
-        image, mask = prepare_inputs(self.image, self.mask, width=self.width, height=self.height,
-                                     resize=self.resize, mask_blur=self.mask_blur)
+        if self.inputs_prepared:  # a copy (dataclasses.replace) of a prepared request: blurred once already
+            image, mask = self.image, self.mask
+            check_mask_blur(self.mask_blur)
+        else:
+            image, mask = prepare_inputs(self.image, self.mask, width=self.width, height=self.height,
+                                         resize=self.resize, mask_blur=self.mask_blur)
         strength = (DEFAULT_INPAINT_STRENGTH if mask is not None else DEFAULT_IMG2IMG_STRENGTH) \
             if self.strength is None else check_strength(self.strength)
         for name, value in (("image", image), ("mask", mask), ("strength", strength), ("width", image.width),
-                            ("height", image.height), ("mask_blur", 0)):
-            object.__setattr__(self, name, value)  # mask_blur is in the prepared mask now (not applied twice)
+                            ("height", image.height), ("inputs_prepared", True)):
+            object.__setattr__(self, name, value)
 
     @property
     def num_images(self) -> int:

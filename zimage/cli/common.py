@@ -25,6 +25,10 @@ def add_model_flags(p) -> None:
                    help="keep a bf16 copy of the fp32 transformer in zimage's cache (12 GB of disk for the published "
                         "model, written on the first run) so that later starts read half the bytes; a copy whose "
                         "source files changed is never used")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="apply a LoRA (repeatable): a .safetensors file or PEFT folder in any common layout "
+                        "(diffusers/PEFT, kohya/musubi, ai-toolkit, DiffSynth, ComfyUI), merged into the weights "
+                        "at load for every image (no cost per step); STRENGTH defaults to 1 (-10..10)")
 
 
 def engine_config(args, show_progress: bool = True, expected_images: int | None = None, first=None):
@@ -38,4 +42,5 @@ def engine_config(args, show_progress: bool = True, expected_images: int | None 
         warm = dict(warm_prompts=tuple(dict.fromkeys(texts)), warm_size=(first.width, first.height))
     return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, speed=args.speed,
                         vram_budget_gib=args.vram_budget, fp8=args.fp8, show_progress=show_progress,
-                        expected_images=expected_images, converted_cache=args.converted_cache, **warm)
+                        expected_images=expected_images, converted_cache=args.converted_cache,
+                        loras=tuple(args.lora), **warm)

@@ -43,6 +43,23 @@ def register(sub) -> None:
     opt.add_argument("--guidance", type=float, help=f"CFG scale; 0 turns CFG off (default {DEFAULT_GUIDANCE:g})")
     opt.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
     opt.add_argument("--n", type=int, help="images per prompt (default 1)")
+    img = p.add_argument_group("start from a picture (img2img, inpainting, outpainting)")
+    img.add_argument("--image", type=Path, metavar="FILE",
+                     help="a PNG, JPEG or WebP to start from (EXIF rotation applied, transparency on white); its own "
+                          "size rounded down to a multiple of 16 unless --width/--height (then --resize)")
+    img.add_argument("--strength", type=float,
+                     help="how much is repainted, 0 < S <= 1: S x --steps forwards run (default 0.6, or 1 with "
+                          "--mask)")
+    img.add_argument("--mask", type=Path, metavar="FILE",
+                     help="inpainting: white repaints, black keeps (the kept area is the input after the VAE's "
+                          "encode and decode)")
+    img.add_argument("--mask-blur", type=int, metavar="PX", help="smooth the mask's outline by a blur of PX pixels")
+    img.add_argument("--resize", choices=("fit", "crop", "stretch"),
+                     help="how an image (and mask) of another size meets --width x --height: fit inside and pad, "
+                          "crop to fill, or stretch")
+    img.add_argument("--outpaint", metavar="L,T,R,B",
+                     help="outpainting: add L,T,R,B pixels of canvas around --image and paint them (a mask is built)")
+    img.add_argument("--expand-to", metavar="WxH", help="outpainting: centre --image on a WxH canvas and paint the rest")
     out = p.add_argument_group("output")
     out.add_argument("--output", "-o", default="./",
                      help="a .png file (several images: NAME-1.png, NAME-2.png, ...) or a folder ending in / "
@@ -85,8 +102,9 @@ def model_to_load(args, jobs: list[Job]) -> str:
                      "folder's name, not its path); pass --model with that folder", param="model")
 
 
-def _request(settings: dict, where: str) -> GenerateRequest:
-    """Build a request from merged settings; size from aspect unless width/height are given."""
+def _request(settings: dict, where: str, picture: dict | None = None) -> GenerateRequest:
+    """Build a request from merged settings; size from aspect unless width/height are given (neither: 1024, or the
+    input picture's own size). `picture`: the image-input fields (image, mask, strength, resize, mask_blur)."""
     width, height = settings.get("width"), settings.get("height")
     try:
         if settings.get("aspect") is not None:
@@ -96,15 +114,78 @@ def _request(settings: dict, where: str) -> GenerateRequest:
         return GenerateRequest(
             prompts=(settings.get("prompt") or "",),
             negative_prompt=settings.get("negative_prompt") or "",
-            width=DEFAULT_SIZE if width is None else width,
-            height=DEFAULT_SIZE if height is None else height,
+            width=width, height=height,
             steps=DEFAULT_STEPS if settings.get("steps") is None else settings["steps"],
             guidance=DEFAULT_GUIDANCE if settings.get("guidance") is None else settings["guidance"],
             seed=settings.get("seed"),
             n=1 if settings.get("n") is None else settings["n"],
+            **(picture or {}),
         )
     except UsageError as e:
         raise UsageError(f"{where}: {e}" if where != "arguments" else str(e), param=e.param) from None
+
+
+def picture_fields(args, made_with=None) -> dict:
+    """The image-input fields of the requests from --image, --mask, --strength, --resize, --mask-blur, --outpaint and
+    --expand-to (with --from-png: what the PNG records, unless a flag says otherwise). Empty without an image."""
+    from zimage.io.input_image import expand_to, load_image, outpaint, parse_margins
+    from zimage.sizes import parse_size
+
+    recorded_image = made_with.image if made_with is not None else None
+    if args.image is None:
+        if recorded_image is not None:
+            raise UsageError(f"{args.from_png} was made from an input image ({recorded_image['source_width']}x"
+                             f"{recorded_image['source_height']}, sha256 {recorded_image['sha256'][:12]}...); give it "
+                             "with --image", param="image")
+        for flag in ("mask", "strength", "resize", "mask_blur", "outpaint", "expand_to"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} needs --image", param=flag)
+        return {}
+    if args.outpaint is not None and args.expand_to is not None:
+        raise UsageError("give either --outpaint or --expand-to, not both", param="outpaint")
+    image, mask = args.image, args.mask
+    if args.outpaint is not None or args.expand_to is not None:
+        if mask is not None:
+            raise UsageError("--outpaint and --expand-to build the mask; leave out --mask", param="mask")
+        if args.outpaint is not None:
+            image, mask = outpaint(load_image(image), *parse_margins(args.outpaint))
+        else:
+            w, h = parse_size(args.expand_to)
+            image, mask = expand_to(load_image(image), w, h)
+    if made_with is not None and made_with.mask is not None and mask is None:
+        raise UsageError(f"{args.from_png} was inpainted with a mask (sha256 {made_with.mask['sha256'][:12]}...); "
+                         "give it with --mask", param="mask")
+    strength = args.strength if args.strength is not None else getattr(made_with, "strength", None)
+    resize = args.resize if args.resize is not None else getattr(made_with, "resize", None)
+    recorded_blur = (made_with.mask or {}).get("blur", 0) if made_with is not None else 0
+    blur = args.mask_blur if args.mask_blur is not None else recorded_blur
+    return dict(image=image, mask=mask, strength=strength, resize=resize, mask_blur=blur)
+
+
+def _note_other_inputs(args, made_with, request) -> None:
+    """--from-png with another picture or mask than the one recorded makes another image: say so."""
+    if made_with is None:
+        return
+    for what, recorded, given in (("image", made_with.image, request.image), ("mask", made_with.mask, request.mask)):
+        if recorded is not None and given is not None and recorded["sha256"] != given.sha256:
+            print(f"note: {args.from_png} was made from another {what} (sha256 {recorded['sha256'][:12]}..., this one "
+                  f"{given.sha256[:12]}...), so the image will differ", file=sys.stderr)
+
+
+def loras_to_apply(args, made_with) -> tuple:
+    """--lora when given; else, for --from-png, the LoRAs the PNG records (each file checked to be there)."""
+    from zimage.lora_spec import LoraSpec
+
+    if args.lora or made_with is None or not made_with.loras:
+        return tuple(args.lora)
+    specs = []
+    for lo in made_with.loras:
+        if not Path(lo["file"]).expanduser().exists():
+            raise UsageError(f"{args.from_png} was made with LoRA {lo['name']!r} (file {lo['file']}, sha256 "
+                             f"{lo['sha256'][:12]}...), which is not there: give it with --lora FILE:{lo['scale']:g}",
+                             param="lora")
+        specs.append(LoraSpec(lo["file"], lo["scale"]))
+    return tuple(specs)
 
 
 def plan_jobs(args) -> list[Job]:
@@ -121,6 +202,12 @@ def plan_jobs(args) -> list[Job]:
         raise UsageError("give either --aspect or --width/--height, not both", param="aspect")
     planner = OutputPlanner(args.overwrite)
     jobs = []
+    made_with = None
+    if args.from_png is not None:
+        from zimage.io.png import read_metadata
+
+        made_with = read_metadata(args.from_png)
+    picture = picture_fields(args, made_with)
     if args.prompts_file is not None:
         for line in read_prompts_file(args.prompts_file):
             where = f"{args.prompts_file}:{line.line}"
@@ -131,20 +218,15 @@ def plan_jobs(args) -> list[Job]:
                         settings.pop(k, None)
             elif "width" in line.settings or "height" in line.settings:
                 settings.pop("aspect", None)  # the line's own size replaces the flags' --aspect
-            req = _request(settings, where)
+            req = _request(settings, where, picture)
             output = line.settings.get("output", args.output)
             jobs.append(Job(req, planner.plan(output, req.image_prompts(), req.image_seeds()), where))
         return jobs
-    made_with = None
-    if args.from_png is not None:
-        from zimage.io.png import read_metadata
-
-        made_with = read_metadata(args.from_png)
     base = _settings_from_png(made_with) if made_with is not None else {"prompt": args.prompt}
     settings = {**base, **flags}
     if "aspect" in flags:  # --aspect replaces the PNG's size
         settings.pop("width", None), settings.pop("height", None)
-    req = _request(settings, "arguments")
+    req = _request(settings, "arguments", picture)
     return [Job(req, planner.plan(args.output, req.image_prompts(), req.image_seeds()), "arguments", made_with)]
 
 
@@ -180,11 +262,17 @@ def run(args) -> int:
 
     jobs = plan_jobs(args)  # all validation before the model loads
     model = model_to_load(args, jobs)
+    loras = loras_to_apply(args, jobs[0].made_with)
     _warn_ignored_negative_prompt(args, jobs)
+    _note_other_inputs(args, jobs[0].made_with, jobs[0].request)
+    first = jobs[0].request
+    for part in (first.image, first.mask):
+        for note in part.notes if part is not None else ():
+            print(f"note: {note}", file=sys.stderr)
     start_in_background(args.device)  # CUDA's driver start-up overlaps the import of torch (cold start)
     total = sum(j.request.num_images for j in jobs)
     config = engine_config(args, show_progress=True, expected_images=total, first=jobs[0].request)
-    engine = Engine.load(replace(config, model=model))
+    engine = Engine.load(replace(config, model=model, loras=loras))
     _note_other_revision(args, jobs[0].made_with, engine.location)
     if engine.location.source == "tiny":
         print("note: --model tiny-random is a tiny randomly initialised stand-in; its images are noise. "

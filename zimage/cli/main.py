@@ -14,7 +14,7 @@ from typing import NoReturn
 from zimage.errors import ZImageError
 from zimage.version import __version__
 
-SUBCOMMANDS = ("generate", "info", "plan", "show", "download", "make_tiny", "serve")
+SUBCOMMANDS = ("generate", "info", "plan", "show", "lora", "download", "make_tiny", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

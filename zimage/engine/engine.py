@@ -318,12 +318,28 @@ class Engine:
         return dtype_name(self.dtype) + ("+fp8" if fp8 else "")
 
     def metadata(self, request: GenerateRequest, index: int) -> ImageMetadata:
+        image = mask = None
+        if request.image is not None:
+            pic = request.image
+            image = {"sha256": pic.sha256, "width": pic.width, "height": pic.height,
+                     "source_width": pic.source_size[0], "source_height": pic.source_size[1]}
+            if request.mask is not None:
+                mask = {"sha256": request.mask.sha256, "blur": request.mask_blur}
         return ImageMetadata(
             prompt=request.image_prompts()[index], negative_prompt=request.negative_prompt if request.cfg else "",
             seed=request.image_seeds()[index], steps=request.steps, guidance=request.guidance,
             width=request.width, height=request.height, model=self.location.model_id,
             model_revision=self.location.revision, dtype=self._weights_dtype(),
+            loras=self.lora_record(request), image=image, mask=mask, strength=request.strength,
+            resize=request.resize,
         )
+
+    def lora_record(self, request: GenerateRequest) -> tuple:
+        """The LoRAs an image of `request` was made with (the merged set, then the request's own), for its PNG."""
+        files = list(self.loras.merged) + list(self.loras.resolve(request.loras, self.config.lora_names_only))
+        specs = list(self.loras.merged_specs) + list(request.loras)
+        return tuple({"name": lora.name, "file": spec.name, "scale": scale, "sha256": lora.sha256,
+                      "short_hash": lora.short_hash} for (lora, scale), spec in zip(files, specs))
 
     def describe(self) -> dict:
         return {

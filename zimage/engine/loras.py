@@ -187,6 +187,7 @@ class EngineLoras:
         self.checked = checked  # {network: CheckedNetwork}, to read merged layers' original weights back
         self.dtype = dtype
         self.merged: tuple = ()  # ((LoraFile, scale), ...) folded into the weights
+        self.merged_specs: tuple = ()  # the LoraSpecs they were given as (names or paths), in the same order
         self._merged_modules: dict[str, set] = {}  # network -> modules whose weights differ from the checkpoint
         self.runtime: RuntimeSlots | None = None
         self._shapes = {net: None for net in networks}
@@ -219,8 +220,12 @@ class EngineLoras:
         from zimage.weights.load import read_original
         from zimage.weights.lora import merge
 
+        from zimage.lora_spec import check_loras
+
+        specs = check_loras(specs)
         loras = self.resolve(specs)
         if set_key(loras) == set_key(self.merged):
+            self.merged_specs = specs
             return False
         for network, module in self.networks.items():
             new = deltas(loras, network)
@@ -235,7 +240,7 @@ class EngineLoras:
                 merge.restore(module, old, read)
             merge.merge(module, new)
             self._merged_modules[network] = set(new)
-        self.merged = loras
+        self.merged, self.merged_specs = loras, specs
         log.info("LoRA merged: %s", ", ".join(f"{lora.name}:{scale:g}" for lora, scale in loras) or "none")
         return True
 

@@ -28,6 +28,15 @@ class ImageMetadata:
     dtype: str
     sampler: str = SAMPLER_NAME
     zimage_version: str = __version__
+    # LoRAs applied (merged and per request), in order: {"name", "file", "scale", "sha256", "short_hash"}; "file" is
+    # the name or path as it was given, so --from-png can apply it again (and check the sha256)
+    loras: tuple = ()
+    # Starting from a picture: {"sha256", "width", "height", "source_width", "source_height"} of the input image as
+    # the model saw it (after resizing), the mask's {"sha256", "blur"}, the strength and the resize mode
+    image: dict | None = None
+    mask: dict | None = None
+    strength: float | None = None
+    resize: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
@@ -36,6 +45,8 @@ class ImageMetadata:
     def from_json(cls, text: str) -> "ImageMetadata":
         data = json.loads(text)
         known = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
+        if "loras" in known:
+            known["loras"] = tuple(known["loras"])
         return cls(**known)
 
     def a1111_parameters(self) -> str:
@@ -53,6 +64,12 @@ class ImageMetadata:
         ]
         if self.model_revision:
             fields.append(f"Model hash: {self.model_revision[:10]}")
+        if self.strength is not None:
+            fields.append(f"Denoising strength: {self.strength:g}")
+        if self.mask is not None and self.mask.get("blur"):
+            fields.append(f"Mask blur: {self.mask['blur']}")
+        if self.loras:  # as AUTOMATIC1111 writes it: the names and their short hashes, quoted as one value
+            fields.append('Lora hashes: "' + ", ".join(f"{lo['name']}: {lo['short_hash']}" for lo in self.loras) + '"')
         fields.append(f"Version: zimage {self.zimage_version}")
         lines.append(", ".join(fields))
         return "\n".join(lines)
