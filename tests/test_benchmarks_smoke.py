@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # The repository first, then whatever the caller already had on the path (a --target install of diffusers).
 PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-SCRIPTS = ["bench_speed.py", "bench_compile.py", "bench_memory.py", "bench_forward_variants.py", "bench_profile.py"]
+SCRIPTS = ["bench_speed.py", "bench_compile.py", "bench_memory.py", "bench_forward_variants.py", "bench_profile.py",
+           "bench_lora.py", "bench_image.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -149,3 +150,27 @@ def test_bench_memory_child_failure_is_a_record_not_a_crash(tmp_path):
     record = bench.spawn(args, "diffusers", "model_cpu_offload", timeout=120, extra_env={"CUDA_VISIBLE_DEVICES": ""})
     assert record["error"].startswith("exit ") and record["wall_s"] > 0
     assert not list(tmp_path.glob(".child-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, extra", [
+    ("bench_lora.py", ["--ranks", "2,4", "--speed", "eager", "--no-diffusers"]),
+    ("bench_image.py", ["--budgets", "", "--no-diffusers"]),
+])
+def test_lora_and_image_benchmarks_run_on_cpu(tiny_folder, tmp_path, script, extra):
+    """The whole of each script on the tiny model (CPU, 256x256, one repeat): every path it times runs and the JSON
+    is written (the GPU figures come from the device runs in BENCHMARKS.md)."""
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, script, "--model", str(tiny_folder), "--device", "cpu", "--size", "256x256",
+                          "--repeats", "1", "--out", str(tmp_path), *extra] + (
+                             ["--loras", str(tmp_path / "loras")] if script == "bench_lora.py" else []),
+                         cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (path,) = tmp_path.glob("*.json")
+    import json
+
+    res = json.loads(path.read_text())
+    if script == "bench_lora.py":
+        assert res["runtime"]["new_graphs_after_switch"] == 0 and res["merged"]["4"]["s_per_image"] > 0
+    else:
+        assert res["zimage"]["img2img"]["s_per_image"] > 0 and "encode_image" in res["zimage"]["img2img"]["phases"]

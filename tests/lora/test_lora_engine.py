@@ -23,7 +23,7 @@ def gentle(lora: dict, factor: float = 0.25) -> dict:
 
 
 @pytest.fixture(scope="module")
-def files(transformer_shapes, tmp_path_factory):
+def files(transformer_shapes, text_encoder_shapes, tmp_path_factory):
     """LoRA A (rank 4, alpha 8, every linear) in four layouts; A without the caption embedder (what runtime slots
     can apply); LoRA B (rank 2, alpha 1, every linear but the caption embedder's)."""
     folder = tmp_path_factory.mktemp("loras")
@@ -39,6 +39,8 @@ def files(transformer_shapes, tmp_path_factory):
         "b": write_diffusers(folder / "b.safetensors", b),
         "a_rt": write_diffusers(folder / "a_rt.safetensors", a_rt),
         "c": write_diffusers(folder / "c.safetensors", gentle(random_lora(runtime, rank=6, alpha=6.0, seed=3))),
+        "text": write_diffusers(folder / "te.safetensors", gentle(random_lora(text_encoder_shapes, rank=2, seed=4)),
+                                prefix="text_encoder."),
     }
 
 
@@ -129,18 +131,38 @@ def test_a_mixed_lora_batch_gives_each_image_its_solo_result(runtime, files):
 def test_a_set_beyond_the_slots_rank_or_outside_their_layers_is_refused(runtime, files):
     with pytest.raises(UsageError, match="rank 10 .* hold rank 8"):
         runtime.generate(GenerateRequest(**REQ, seed=1, loras=(f"{files['a_rt']}:1", f"{files['c']}:1")))
-    with pytest.raises(UsageError, match="cap_embedder.*merged"):
-        runtime.generate(GenerateRequest(**REQ, seed=1, loras=(f"{files['diffusers']}:1",)))
+    with pytest.raises(UsageError, match="changes the text encoder.*merged"):
+        runtime.generate(GenerateRequest(**REQ, seed=1, loras=(f"{files['text']}:1",)))
+
+
+def test_runtime_slots_cover_every_linear_the_caption_embedder_included(runtime, files, pipe):
+    got = latents(runtime, GenerateRequest(**REQ, seed=8, loras=(f"{files['diffusers']}:0.7",)))
+    assert (got - reference(pipe, [(files["diffusers"], 0.7)], 8)).abs().max().item() <= TOL
+
+
+def test_a_text_encoder_lora_merges_into_the_text_encoder(tiny_folder, files):
+    plain = load(tiny_folder)
+    engine = load(tiny_folder, loras=(f"{files['text']}:1.0",))
+    req = GenerateRequest(**REQ, seed=3)
+    a, b = (e.encode([req])[0].positive[0] for e in (plain, engine))
+    assert (a - b).abs().max() > 1e-3  # the captions changed
+    module = "layers.0.self_attn.q_proj"
+    w0 = plain.text_encoder.get_submodule(module).weight
+    w1 = engine.text_encoder.get_submodule(module).weight
+    from zimage.weights.lora import read_lora
+
+    delta = read_lora(files["text"]).text_encoder[module].delta()
+    torch.testing.assert_close(w1, w0 + delta, rtol=0, atol=1e-6)
 
 
 def test_changing_the_merged_set_is_exact(tiny_folder, files):
     engine = load(tiny_folder, loras=(f"{files['diffusers']}:0.9",))
     fresh = load(tiny_folder)
-    assert engine.loras.set_merged((f"{files['b']}:1.0",))
+    assert engine.set_loras((f"{files['b']}:1.0",))
     other = load(tiny_folder, loras=(f"{files['b']}:1.0",))
     for (k, v), w in zip(engine.transformer.state_dict().items(), other.transformer.state_dict().values()):
         assert torch.equal(v, w), k
-    assert engine.loras.set_merged(())
+    assert engine.set_loras(()) and not engine.set_loras(())
     for (k, v), w in zip(engine.transformer.state_dict().items(), fresh.transformer.state_dict().values()):
         assert torch.equal(v, w), k
 

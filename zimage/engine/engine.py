@@ -84,6 +84,14 @@ class Engine:
         budget = self.policy.plan.budget_bytes if self.device.type == "cuda" else None
         return plan_for(self.sizes, budget, PLAN_WIDTH, PLAN_HEIGHT, PLAN_BATCH, self.config.fp8)
 
+    def set_loras(self, loras) -> bool:
+        """Replace the merged LoRA set (LoraSpecs or 'FILE[:STRENGTH]'), exactly (zimage.engine.loras); prompt
+        embeddings made with the old text encoder are forgotten. True if the weights changed."""
+        changed = self.loras.set_merged(loras)
+        if changed:
+            self.prompts.clear_cache()
+        return changed
+
     def image_encoder(self):
         """The VAE encoder, loaded at the first image input (text-to-image never reads it): checked, read, then the
         engine is re-planned with it counted and re-placed (Engine.place)."""

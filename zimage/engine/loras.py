@@ -5,8 +5,8 @@ loaded networks before anything changes):
 - merged (`EngineConfig.loras`, the CLI's --lora, `serve --lora`): the deltas are folded into the weights in place
   (zimage.weights.lora.merge), before fp8 quantisation and fusion; zero cost per step. `Loras.set_merged` changes
   the set later: the previously merged layers are first put back exactly from the checkpoint.
-- runtime (`EngineConfig.lora_slots` > 0, `serve --lora-dir`): every transformer linear outside the caption
-  embedder is wrapped in zimage.models.lora.LoraLinear with `lora_slots` factor slots of rank `lora_rank`; each
+- runtime (`EngineConfig.lora_slots` > 0, `serve --lora-dir`): every transformer linear is wrapped in
+  zimage.models.lora.LoraLinear with `lora_slots` factor slots of rank `lora_rank`; each
   distinct set of a batch gets a slot (least recently used reused), each image row its set's slot, so one batch can
   mix sets. The set of a request is applied on top of the merged one.
 """
@@ -171,11 +171,11 @@ def slot_bytes(transformer, slots: int, rank: int, dtype_bytes: int) -> tuple[di
 
 
 def runtime_targets(transformer) -> list[str]:
-    """The linears a runtime slot can change: all of the transformer's but the caption embedder (its input is every
-    caption's tokens concatenated, not one row per image; LoRAs on it are applied merged)."""
+    """The linears a runtime slot can change: every linear of the transformer (each sees one row per image: the
+    caption embedder too, which zimage.models.z_image_step runs on a (B, L, cap_dim) batch)."""
     from zimage.weights.lora import linear_shapes
 
-    return [name for name in linear_shapes(transformer) if not name.startswith("cap_embedder")]
+    return list(linear_shapes(transformer))
 
 
 class EngineLoras:

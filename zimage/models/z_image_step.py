@@ -61,11 +61,12 @@ def prepare(m, captions: list, height: int, width: int) -> StepContext:
             ids = torch.cat([ids, torch.zeros(nx - n, 3, dtype=ids.dtype, device=device)])
         x_freqs.append(m.rope(ids))
         lens.append(lc)
-    # caption embed + refine, once (no timestep input in these blocks)
-    feats = m.cap_embedder(torch.cat(cap_feats))
-    pad = torch.cat(cap_pad).unsqueeze(-1)
-    feats = torch.where(pad, m.cap_pad_token.to(feats.dtype), feats)
-    cap = pad_sequence(list(feats.split(lens)), batch_first=True)  # (B, Lc_max, D)
+    # caption embed + refine, once (no timestep input in these blocks). Embedded as one (B, Lc_max, cap_dim) batch, a
+    # row per image (per-row LoRA slots see one row per image); rows past Lc_i are zeros, as pad_sequence leaves them.
+    feats = m.cap_embedder(pad_sequence(cap_feats, batch_first=True))  # (B, Lc_max, D)
+    pad = pad_sequence(cap_pad, batch_first=True, padding_value=True).unsqueeze(-1)  # (B, Lc_max, 1)
+    real = pad_sequence([torch.ones(lc, dtype=torch.bool, device=device) for lc in lens], batch_first=True)
+    cap = torch.where(pad, m.cap_pad_token.to(feats.dtype), feats) * real.unsqueeze(-1)  # (B, Lc_max, D)
     freqs_c = pad_sequence(cap_freqs, batch_first=True)
     uniform = len(set(lens)) == 1
     cap_mask = None if uniform else torch.stack(
