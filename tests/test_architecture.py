@@ -2,7 +2,7 @@
 
 Every `import zimage.X` / `from zimage.X import ...` in the package, at module level or inside a function (zimage
 imports lazily, so both count), is checked against the layer of the importing package. The shared data modules at
-the root (errors, request, lora_spec, sizes, version) and io may be imported from the layers that list them, and
+the root (errors, request, lora_spec, recipe, sizes, version) and io may be imported from the layers that list them, and
 import no layer.
 """
 
@@ -21,10 +21,12 @@ ALLOWED = {
     "weights": {"models", "errors", "request", "sizes", "version"},
     "memory": {"models", "errors", "request", "sizes", "version"},
     "speed": {"models", "memory", "weights", "errors", "request", "sizes", "version"},
-    "engine": {"models", "weights", "memory", "speed", "io", "errors", "request", "sizes", "version", "lora_spec"},
+    "engine": {"models", "weights", "memory", "speed", "io", "errors", "request", "sizes", "version", "lora_spec",
+               "recipe"},
     "io": {"errors", "version", "sizes"},
     "errors": set(),
     "lora_spec": {"errors"},
+    "recipe": {"errors"},
     "request": {"errors", "sizes", "lora_spec", "io"},
     "sizes": {"errors"},
     "version": set(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zimage.recipe import TURBO
 from zimage.request import GenerateRequest
 
 TOL = 1e-4
@@ -17,6 +18,7 @@ def _generators(seed: int, count: int) -> list:
 
 
 def _reference(pipe, req: GenerateRequest, output_type: str):
+    req = req.with_recipe(TURBO)  # steps and guidance left unset: the Turbo recipe's, as the engine fills them in
     prompts = list(req.prompts)
     kwargs = dict(
         prompt=prompts if len(prompts) > 1 else prompts[0],
@@ -30,6 +32,7 @@ def _reference(pipe, req: GenerateRequest, output_type: str):
 
 
 def _engine_latents(engine, req: GenerateRequest):
+    req = req.with_recipe(engine.recipe)
     cond, warnings = engine.encode([req])
     assert warnings == []
     latents, index = engine.denoise(cond, engine.noise(req.image_seeds(), req), req)
@@ -130,3 +133,28 @@ def test_generate_images_equal_across_batch_sizes(engine):
     diff = np.abs(np.asarray(images[1].image, dtype=np.int16) - np.asarray(alone.image, dtype=np.int16))
     assert diff.max() <= 1
     assert np.abs(np.asarray(images[0].image, dtype=np.int16) - np.asarray(images[1].image, dtype=np.int16)).max() > 5
+
+
+def test_the_default_is_the_official_8_forward_recipe_and_matches_the_reference(engine, reference_pipeline):
+    """No steps given: the tiny model (a Turbo stand-in) runs its recipe's 8 forwards, as diffusers does with
+    num_inference_steps=8."""
+    req = GenerateRequest(prompts=("a red fox in the snow",), width=256, height=256, seed=42)
+    assert engine.recipe is TURBO and req.with_recipe(engine.recipe).steps == 8
+    result = engine.generate(req)
+    assert result.request.steps == 8 and result.images[0].metadata.steps == 8
+    latents = _engine_latents(engine, req)
+    ref = _reference(reference_pipeline, req.with_recipe(TURBO), "latent")
+    assert (latents - ref).abs().max().item() <= TOL
+
+
+def test_the_8_step_schedule_is_the_first_8_sigmas_of_the_old_9_step_one(tiny_folder):
+    """diffusers >= 0.39 draws linspace(1, 1/N, N) then shifts; the model card's old 9 steps were linspace(1, 0, 9),
+    whose last step (to sigma 0 from 0) was redundant: the same 8 sigmas, one forward fewer."""
+    from zimage.engine.sampling import FlowMatchConfig, make_schedule
+
+    config = FlowMatchConfig.from_file(tiny_folder / "scheduler" / "scheduler_config.json")
+    new = make_schedule(config, 8, "cpu").sigmas
+    old = torch.linspace(1.0, 0.0, 9)
+    old = (config.shift * old / (1 + (config.shift - 1) * old)).tolist()
+    assert len(new) == 9 and new[-1] == 0.0
+    assert max(abs(a - b) for a, b in zip(new[:8], old[:8])) <= 1e-6

@@ -18,8 +18,14 @@ def bad(**changes) -> UsageError:
 
 
 def test_valid_request_and_defaults():
+    from zimage.recipe import BASE, TURBO
+
     r = GenerateRequest(prompts=("a cat",))
-    assert (r.width, r.height, r.steps, r.guidance, r.n) == (1024, 1024, 9, 0.0, 1)
+    assert (r.width, r.height, r.steps, r.guidance, r.n) == (1024, 1024, None, None, 1)  # the model's recipe decides
+    t, b = r.with_recipe(TURBO), r.with_recipe(BASE)
+    assert (t.steps, t.guidance, t.cfg, b.steps, b.guidance, b.cfg) == (8, 0.0, False, 50, 4.0, True)
+    given = GenerateRequest(prompts=("a cat",), steps=3, guidance=0)
+    assert given.with_recipe(BASE) is given  # what the caller set stays
     assert isinstance(r.seed, int) and 0 <= r.seed < 2**32
     assert not r.cfg
     assert GenerateRequest(prompts="one string").prompts == ("one string",)

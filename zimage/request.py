@@ -19,8 +19,6 @@ MAX_IMAGES_PER_REQUEST = 64
 MAX_PROMPT_CHARS = 20_000  # a guard against abuse; token truncation (512) is reported separately
 MAX_SEED = 2**63 - 1 - MAX_IMAGES_PER_REQUEST  # seed + i must stay a valid 64-bit seed
 
-DEFAULT_STEPS = 9  # Z-Image-Turbo: 9 sigmas -> 9 transformer forwards (diffusers >= 0.40 schedule)
-DEFAULT_GUIDANCE = 0.0  # Turbo is distilled: no CFG
 DEFAULT_SIZE = 1024
 DEFAULT_IMG2IMG_STRENGTH = 0.6  # diffusers' ZImageImg2ImgPipeline docs example (8 steps -> 5 forwards)
 DEFAULT_INPAINT_STRENGTH = 1.0  # its ZImageInpaintPipeline example: the masked area repainted from noise
@@ -42,8 +40,8 @@ class GenerateRequest:
     negative_prompt: str = ""  # used only when guidance > 0 (classifier-free guidance)
     width: int | None = None  # pixels, multiple of 16 in [256, 2048]; None: 1024, or the input image's own size
     height: int | None = None
-    steps: int = DEFAULT_STEPS  # transformer forwards (x2 with CFG)
-    guidance: float = DEFAULT_GUIDANCE  # CFG scale; 0 disables CFG (pred = pos + g * (pos - neg))
+    steps: int | None = None  # transformer forwards (x2 with CFG); None: the model's recipe (zimage.recipe: 8 Turbo)
+    guidance: float | None = None  # CFG scale, 0 = off (pred = pos + g * (pos - neg)); None: the recipe's (Turbo 0)
     seed: int | None = None  # None: a random seed, recorded in the result
     n: int = 1  # images per prompt
     loras: tuple = ()  # LoraSpec / 'NAME[:SCALE]': applied to this request's images (zimage.engine.loras)
@@ -82,12 +80,15 @@ class GenerateRequest:
         self._prepare_image()
         check_side("width", self.width)
         check_side("height", self.height)
-        _check_int("steps", self.steps, 1, MAX_STEPS)
-        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
-            raise UsageError(f"guidance must be a number, got {self.guidance!r}", param="guidance")
-        if not 0.0 <= self.guidance <= MAX_GUIDANCE:
-            raise UsageError(f"guidance must be between 0 and {MAX_GUIDANCE}, got {self.guidance}", param="guidance")
-        object.__setattr__(self, "guidance", float(self.guidance))
+        if self.steps is not None:
+            _check_int("steps", self.steps, 1, MAX_STEPS)
+        if self.guidance is not None:
+            g = self.guidance
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
+                raise UsageError(f"guidance must be a number, got {g!r}", param="guidance")
+            if not 0.0 <= g <= MAX_GUIDANCE:
+                raise UsageError(f"guidance must be between 0 and {MAX_GUIDANCE}, got {g}", param="guidance")
+            object.__setattr__(self, "guidance", float(g))
         _check_int("n", self.n, 1, MAX_IMAGES_PER_PROMPT)
         if len(prompts) * self.n > MAX_IMAGES_PER_REQUEST:
             raise UsageError(
@@ -132,7 +133,15 @@ class GenerateRequest:
 
     @property
     def cfg(self) -> bool:
-        return self.guidance > 0
+        """Classifier-free guidance runs (guidance > 0; a request not yet given its recipe's defaults: no)."""
+        return bool(self.guidance)
+
+    def with_recipe(self, recipe) -> "GenerateRequest":
+        """This request with the steps and guidance it left unset taken from `recipe` (zimage.recipe.Recipe)."""
+        if self.steps is not None and self.guidance is not None:
+            return self
+        return replace(self, steps=recipe.steps if self.steps is None else self.steps,
+                       guidance=recipe.guidance if self.guidance is None else self.guidance)
 
     @property
     def negative_prompt_ignored(self) -> bool:

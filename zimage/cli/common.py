@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from zimage.engine.config import DTYPE_CHOICES, SPEED_CHOICES
+from zimage.recipe import BASE, RECIPE_CHOICES, TURBO
 from zimage.weights.layout import DEFAULT_MODEL_ID
 
 
@@ -16,6 +17,10 @@ def add_model_flags(p) -> None:
                    help=f"{' | '.join(DTYPE_CHOICES)}: auto is bf16 on GPUs that have it, fp16 on older GPUs, "
                         "fp32 on CPU")
     g.add_argument("--speed", default="auto", help=f"{' | '.join(SPEED_CHOICES)} (see README: Speed)")
+    g.add_argument("--recipe", default="auto", choices=RECIPE_CHOICES,
+                   help=f"the defaults of --steps and --guidance: turbo ({TURBO.steps} steps, guidance "
+                        f"{TURBO.guidance:g}: Z-Image-Turbo) or base ({BASE.steps} steps, guidance {BASE.guidance:g}: "
+                        "the non-distilled Z-Image); auto: by the model's repo id or scheduler (default: auto)")
     g.add_argument("--vram-budget", type=float, default=None, metavar="GIB",
                    help="GPU memory the plan may use (default: what is free, less a margin)")
     g.add_argument("--fp8", action="store_true",
@@ -40,7 +45,7 @@ def engine_config(args, show_progress: bool = True, expected_images: int | None 
     if first is not None:
         texts = list(first.image_prompts()) + ([first.negative_prompt] if first.cfg else [])
         warm = dict(warm_prompts=tuple(dict.fromkeys(texts)), warm_size=(first.width, first.height))
-    return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, speed=args.speed,
+    return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, speed=args.speed, recipe=args.recipe,
                         vram_budget_gib=args.vram_budget, fp8=args.fp8, show_progress=show_progress,
                         expected_images=expected_images, converted_cache=args.converted_cache,
                         loras=tuple(args.lora), **warm)

@@ -13,7 +13,8 @@ from pathlib import Path
 from zimage.cli.common import add_model_flags, engine_config
 from zimage.engine.config import EngineConfig
 from zimage.errors import UsageError
-from zimage.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, MAX_PROMPT_CHARS, GenerateRequest
+from zimage.recipe import BASE, TURBO
+from zimage.request import DEFAULT_SIZE, MAX_PROMPT_CHARS, GenerateRequest
 from zimage.sizes import ASPECT_PRESETS, size_for_aspect
 from zimage.weights.layout import DEFAULT_MODEL_ID, TINY_MODEL_ID
 
@@ -39,8 +40,12 @@ def register(sub) -> None:
     opt.add_argument("--width", type=int, help=f"pixels, multiple of 16, 256..2048 (default {DEFAULT_SIZE})")
     opt.add_argument("--height", type=int, help=f"pixels, multiple of 16, 256..2048 (default {DEFAULT_SIZE})")
     opt.add_argument("--aspect", help=f"a trained size preset: {', '.join(ASPECT_PRESETS)}")
-    opt.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULT_STEPS})")
-    opt.add_argument("--guidance", type=float, help=f"CFG scale; 0 turns CFG off (default {DEFAULT_GUIDANCE:g})")
+    opt.add_argument("--steps", type=int,
+                     help=f"denoising steps = transformer forwards, x2 with --guidance > 0 (default: the model's "
+                          f"recipe: {TURBO.steps} for Z-Image-Turbo, as its authors run it; {BASE.steps} for Z-Image)")
+    opt.add_argument("--guidance", type=float,
+                     help=f"CFG scale; 0 turns CFG off (default: the recipe's: {TURBO.guidance:g} for Turbo, "
+                          f"{BASE.guidance:g} for Z-Image)")
     opt.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
     opt.add_argument("--n", type=int, help="images per prompt (default 1)")
     img = p.add_argument_group("start from a picture (img2img, inpainting, outpainting)")
@@ -115,8 +120,7 @@ def _request(settings: dict, where: str, picture: dict | None = None) -> Generat
             prompts=(settings.get("prompt") or "",),
             negative_prompt=settings.get("negative_prompt") or "",
             width=width, height=height,
-            steps=DEFAULT_STEPS if settings.get("steps") is None else settings["steps"],
-            guidance=DEFAULT_GUIDANCE if settings.get("guidance") is None else settings["guidance"],
+            steps=settings.get("steps"), guidance=settings.get("guidance"),  # None: the model's recipe
             seed=settings.get("seed"),
             n=1 if settings.get("n") is None else settings["n"],
             **(picture or {}),
@@ -255,6 +259,7 @@ def _note_other_revision(args, made_with, location) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
+    from zimage.engine.build import recipe_of
     from zimage.engine.driver_init import start_in_background
     from zimage.engine.engine import Engine
     from zimage.io.output_names import create_folder
@@ -263,6 +268,10 @@ def run(args) -> int:
     jobs = plan_jobs(args)  # all validation before the model loads
     model = model_to_load(args, jobs)
     loras = loras_to_apply(args, jobs[0].made_with)
+    config = replace(engine_config(args, show_progress=True), model=model, loras=loras)
+    recipe, _ = recipe_of(config)  # the model's defaults of steps and guidance, before it loads
+    for job in jobs:
+        job.request = job.request.with_recipe(recipe)
     _warn_ignored_negative_prompt(args, jobs)
     _note_other_inputs(args, jobs[0].made_with, jobs[0].request)
     first = jobs[0].request

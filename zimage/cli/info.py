@@ -40,6 +40,10 @@ def run(args) -> int:
         print(f"model: NOT FOUND\n{e}")
         return 1
     print(f"model: {loc.model_id} ({loc.source}) at {loc.path}" + (f", revision {loc.revision}" if loc.revision else ""))
+    from zimage.engine.build import recipe_of
+
+    recipe, why = recipe_of(config)
+    print(f"recipe: {recipe.name} ({why}): {recipe.steps} steps, guidance {recipe.guidance:g} by default")
     checked = check_model_folder(loc.path)
     for name, c in checked.items():
         print(f"  {name}: {len(c.tensors)} tensors, {c.nbytes / 2**30:.2f} GiB on disk (used part)")

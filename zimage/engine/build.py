@@ -196,6 +196,27 @@ def transform_weights(networks: Networks, target: Target, plan, config: EngineCo
     return done
 
 
+def choose_recipe(config: EngineConfig, model_id: str, scheduler):
+    """(Recipe, why): the one the config names, else the model's (zimage.recipe.detect_recipe)."""
+    from zimage.recipe import detect_recipe, recipe_named
+
+    named = recipe_named(config.recipe)
+    if named is not None:
+        return named, f"--recipe {named.name}"
+    return detect_recipe(model_id, scheduler.shift)
+
+
+def recipe_of(config: EngineConfig):
+    """(Recipe, why) the engine for `config` will use, found without loading it (the folder located, its scheduler
+    config read): entrypoints fill in their requests' defaults before any long work (the CLI's warnings, names)."""
+    from zimage.engine.sampling import FlowMatchConfig
+    from zimage.weights.locate import locate_model
+
+    location = locate_model(config.model)
+    scheduler = FlowMatchConfig.from_file(location.path / "scheduler" / "scheduler_config.json")
+    return choose_recipe(config, location.model_id, scheduler)
+
+
 def build_engine(config: EngineConfig):
     """The whole pipeline: a placed, sped-up Engine for `config`."""
     t0 = time.perf_counter()
@@ -221,6 +242,9 @@ def build_engine(config: EngineConfig):
     networks = read(config, target, location, checked, plan)
     transforms = transform_weights(networks, target, plan, config, loras)
     engine = Engine(config, location, target, networks, sizes, checked, loras)
+    engine.recipe, why = choose_recipe(config, location.model_id, networks.scheduler)
+    log.debug("recipe %s (%s): %d steps, guidance %g", engine.recipe.name, why, engine.recipe.steps,
+              engine.recipe.guidance)
     engine.place(plan)
     engine.load_seconds = time.perf_counter() - t0
     log.info("loaded %s from %s in %.1fs (%s, %s, plan %s, speed %s%s)", location.model_id, location.path,

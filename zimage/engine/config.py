@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from zimage.lora_spec import check_loras
 from zimage.memory.select import check_budget
+from zimage.recipe import recipe_named
 from zimage.speed.modes import SPEED_CHOICES
 from zimage.weights.layout import DEFAULT_MODEL_ID
 
@@ -22,6 +23,7 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda if present, else mps, else cpu
     dtype: str = "auto"  # auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU
     speed: str = "auto"  # auto | eager | compile: see zimage.speed.apply (auto picks per device, measured)
+    recipe: str = "auto"  # auto | turbo | base: the defaults of steps and guidance (zimage.recipe); auto: by the model
     expected_images: int | None = None  # how many images this process will make (None: many, e.g. a server)
     vram_budget_gib: float | None = None  # memory plan budget; None: free VRAM less a margin (zimage.memory)
     fp8: bool = False  # opt-in, LOSSY: transformer matrices stored in fp8 (half the memory); on GPUs with FP8
@@ -52,6 +54,7 @@ class EngineConfig:
         if self.dtype not in DTYPE_CHOICES:
             raise UsageError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}", param="dtype")
         check_budget(self.vram_budget_gib)
+        recipe_named(self.recipe)
         object.__setattr__(self, "loras", check_loras(self.loras))
         for name, value, low, high in (("lora_slots", self.lora_slots, 0, MAX_LORA_SLOTS),
                                        ("lora_rank", self.lora_rank, 1, MAX_LORA_RANK)):

@@ -48,6 +48,7 @@ class Engine:
         self.prompts = networks.prompts  # zimage.engine.text.PromptEncoder (tokenizer + text encoder + cache)
         self.scheduler = networks.scheduler
         self.sizes = sizes  # zimage.memory.sizes.ModelSizes: what plans are made from (also when re-planning)
+        self.recipe = None  # zimage.recipe.Recipe: the defaults of steps and guidance (set by the build)
         self.policy = None  # zimage.memory.planned.PlannedPolicy, set by place()
         self.speed_setup = None  # zimage.speed.apply.SpeedSetup, set by place()
         self.load_seconds = 0.0
@@ -255,6 +256,8 @@ class Engine:
         and retries once (zimage.memory.oom), with a note in each result's warnings."""
         from zimage.memory.oom import run_with_recovery
 
+        requests = [r.with_recipe(self.recipe) for r in requests]  # steps and guidance left unset: the model's
+
         def run():
             with self.speed_setup.scoped():
                 return self._generate_many(requests, on_progress, cancels)
@@ -339,7 +342,7 @@ class Engine:
             width=request.width, height=request.height, model=self.location.model_id,
             model_revision=self.location.revision, dtype=self._weights_dtype(),
             loras=self.lora_record(request), image=image, mask=mask, strength=request.strength,
-            resize=request.resize,
+            resize=request.resize, recipe=self.recipe.name,
         )
 
     def lora_record(self, request: GenerateRequest) -> tuple:
@@ -354,6 +357,7 @@ class Engine:
             "model": self.location.model_id, "path": str(self.location.path), "source": self.location.source,
             "revision": self.location.revision, "device": str(self.device), "dtype": self._weights_dtype(),
             "memory_plan": self.policy.describe(), "speed": self.speed, "load_seconds": round(self.load_seconds, 3),
+            "recipe": {"name": self.recipe.name, "steps": self.recipe.steps, "guidance": self.recipe.guidance},
         }
 
     def _lap(self, t0: float) -> float:

@@ -37,6 +37,7 @@ class ImageMetadata:
     mask: dict | None = None
     strength: float | None = None
     resize: str | None = None
+    recipe: str | None = None  # the model's recipe the defaults came from: "turbo" | "base" (zimage.recipe)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
