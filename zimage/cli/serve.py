@@ -47,6 +47,7 @@ def register(subparsers) -> None:
 
 def settings_from_args(args, environ=os.environ):
     """argparse namespace -> ServerSettings (validated: a bad value is a UsageError naming the flag)."""
+    from zimage.cli.common import engine_config
     from zimage.server.settings import API_KEY_ENV, ServerSettings, default_data_dir
     from zimage.sizes import parse_size
 
@@ -65,8 +66,7 @@ def settings_from_args(args, environ=os.environ):
     return ServerSettings(
         host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(),
         api_key=args.api_key or environ.get(API_KEY_ENV) or None,
-        model=args.model, device=args.device, dtype=args.dtype, speed=args.speed,
-        vram_budget_gib=args.vram_budget, fp8=args.fp8, converted_cache=args.converted_cache,
+        engine=engine_config(args, show_progress=False),  # expected_images None: a server makes many
         max_queue=args.max_queue, max_batch=args.max_batch,
         batch_wait_s=args.batch_wait, default_size=size("default-size", args.default_size),
         warmup_size=None if args.warmup_size.lower() == "none" else size("warmup-size", args.warmup_size),

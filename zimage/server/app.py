@@ -33,12 +33,9 @@ class ServerState:
 
 def default_loader(settings: ServerSettings):
     def load():
-        from zimage.engine.config import EngineConfig
         from zimage.engine.engine import Engine
 
-        return Engine.load(EngineConfig(model=settings.model, device=settings.device, dtype=settings.dtype,
-                                        speed=settings.speed, vram_budget_gib=settings.vram_budget_gib,
-                                        fp8=settings.fp8, converted_cache=settings.converted_cache))
+        return Engine.load(settings.engine)
 
     return load
 

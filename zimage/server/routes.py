@@ -54,7 +54,7 @@ def build_router() -> APIRouter:
     @router.get("/v1/models", response_model=ModelList, tags=["openai"])
     async def models(request: Request):
         engine = get_state(request).worker.engine
-        name = engine.describe()["model"] if engine is not None else get_state(request).settings.model
+        name = engine.describe()["model"] if engine is not None else get_state(request).settings.engine.model
         return ModelList(data=[ModelCard(id=name)])
 
     @router.post("/v1/images/generations", response_model=ImageGenerationResponse, tags=["openai"],

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zimage.weights.layout import DEFAULT_MODEL_ID
+from zimage.engine.config import EngineConfig
 
 API_KEY_ENV = "ZIMAGE_API_KEY"
 DATA_DIR_ENV = "ZIMAGE_DATA_DIR"
@@ -26,14 +26,9 @@ class ServerSettings:
     port: int = 8000
     data_dir: Path = field(default_factory=default_data_dir)  # jobs.db (SQLite, WAL) and images/ live here
     api_key: str | None = None  # None: no key (the CLI also reads $ZIMAGE_API_KEY)
-    # engine (used only when create_app is not handed an engine)
-    model: str = DEFAULT_MODEL_ID
-    device: str = "auto"
-    dtype: str = "auto"
-    speed: str = "auto"
-    vram_budget_gib: float | None = None  # None: free VRAM less a margin (zimage.memory)
-    fp8: bool = False  # lossy fp8 transformer matrices (zimage.engine.config.EngineConfig.fp8)
-    converted_cache: bool = False  # bf16 copy of the weights for faster starts (EngineConfig.converted_cache)
+    # the engine to load (used only when create_app is not handed an engine): the same config `zimage generate`
+    # builds, so a new engine option reaches the server without being copied here field by field
+    engine: EngineConfig = field(default_factory=EngineConfig)
     # scheduling
     max_queue: int = 64  # jobs waiting (not running) before POSTs get 429 + Retry-After
     max_batch: int = 8  # images per engine call; compatible queued jobs are batched up to this
