@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from zimage.server.errors import ApiError, error_body, install_error_handlers
+from zimage.server.errors import ApiError, install_error_handlers
 from zimage.server.settings import ServerSettings
 
 log = logging.getLogger("zimage.server")
@@ -44,8 +44,10 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
     """`engine`: an already loaded Engine (tests share one); else `engine_loader()` or the settings' model."""
     from fastapi import FastAPI
     from fastapi.staticfiles import StaticFiles
+    from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
-    from zimage.server.auth import make_key_check
+    from zimage.server.auth import bearer_scheme
+    from zimage.server.guard import RequestGuard
     from zimage.server.events import EventHub
     from zimage.server.jobs import JobStore
     from zimage.server.metrics import Metrics
@@ -78,24 +80,30 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
     )
     install_error_handlers(app)
 
-    app.add_middleware(LimitsAndMetrics)
-
+    # Middleware added last runs first: metrics see every answer; CORS answers preflights (which carry no key)
+    # and labels refusals; the guard refuses a missing key or a declared oversized body before any route or body
+    # read; starlette's body limit counts the bytes of a body as they arrive (chunked too) and raises 413 at the
+    # first byte over, which the routes answer as JSON. (FastAPI's own max_body_size sits outside every user
+    # middleware and would replace the guard's JSON 413 by plain text.)
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=MAX_BODY_BYTES)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-API-Key"])
+    app.add_middleware(HttpMetrics)
 
     app.include_router(build_public_router())
-    app.include_router(build_router(), dependencies=[_depends(make_key_check(settings.api_key))])
+    app.include_router(build_router(), dependencies=[_depends(bearer_scheme())])
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 
-class LimitsAndMetrics:
-    """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the routes): rejects bodies
-    over MAX_BODY_BYTES by their Content-Length (413) and times each request into the metrics."""
+class HttpMetrics:
+    """Times each request into the metrics. Pure ASGI (BaseHTTPMiddleware would hide client disconnects from the
+    routes)."""
 
     def __init__(self, app):
         self.app = app
@@ -103,13 +111,6 @@ class LimitsAndMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from fastapi.responses import JSONResponse
-
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            response = JSONResponse(error_body(413, f"request body over {MAX_BODY_BYTES} bytes", "body_too_large"),
-                                    413)
-            return await response(scope, receive, send)
         t0 = time.perf_counter()
         status = [500]
 

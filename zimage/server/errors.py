@@ -66,12 +66,18 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
-        return reply(exc.status_code, message, codes.get(exc.status_code, "http_error"), None,
-                     getattr(exc, "headers", None))
+        elif exc.status_code == 413:  # FastAPI's body limit, counting a body that did not declare its size
+            from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
+
+            message = f"the request body is over the limit of {request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)} bytes"
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 413:
+            headers["Connection"] = "close"  # the rest of the body is not read: stop the upload (see guard.py)
+        return reply(exc.status_code, message, codes.get(exc.status_code, "http_error"), None, headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):
