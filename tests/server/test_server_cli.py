@@ -33,11 +33,15 @@ def test_flags_and_env_key(tmp_path):
     assert s.warmup_size is None and s.default_size == (512, 768) and s.engine.model == "tiny-random"
     assert s.api_key == "from-env" and s.cors_origins == ("https://a.example", "https://b.example")
     assert not s.previews
+    assert s.url_ttl_s == 3600 and s.url_secret is None
+    s = serve.settings_from_args(parse("--url-ttl", "60"), environ={"ZIMAGE_URL_SECRET": "e" * 32})
+    assert s.url_ttl_s == 60 and s.url_secret == "e" * 32
     assert serve.settings_from_args(parse("--api-key", "flag"), environ={"ZIMAGE_API_KEY": "env"}).api_key == "flag"
 
 
 @pytest.mark.parametrize("argv,param", [(("--default-size", "100x100"), "default-size"),
-                                        (("--max-batch", "0"), "max-batch"), (("--port", "70000"), "port")])
+                                        (("--max-batch", "0"), "max-batch"), (("--port", "70000"), "port"),
+                                        (("--url-ttl", "-1"), "url-ttl"), (("--url-secret", "short"), "url-secret")])
 def test_bad_flags_are_usage_errors(argv, param):
     with pytest.raises(UsageError) as e:
         serve.settings_from_args(parse(*argv), environ={})

@@ -38,7 +38,11 @@ def test_openai_client(live):
     assert im.size == (256, 256) and '"seed": 11' in im.text["zimage"]
     r = client.images.generate(prompt="a tiny robot", size="256x256", response_format="url", output_format="webp",
                                extra_body={"num_inference_steps": 1})
-    assert r.data[0].url.startswith(live.url + "/v1/images/") and r.data[0].url.endswith(".webp")
+    url = r.data[0].url
+    assert url.startswith("/v1/images/job_") and ".webp?expires=" in url  # relative and signed (the server has a key)
+    import httpx
+
+    assert httpx.get(live.url + url).headers["content-type"] == "image/webp"  # a signed URL needs no key
     assert [m.id for m in client.models.list()] == ["tiny-random"]
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="x", size="255x256")

@@ -29,6 +29,7 @@ class ServerState:
     hub: object  # events.EventHub
     metrics: object  # metrics.Metrics
     worker: object  # worker.Worker
+    signer: object = None  # signing.UrlSigner when image URLs are signed (an API key and url_ttl_s > 0)
 
 
 def default_loader(settings: ServerSettings):
@@ -57,6 +58,7 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
 
     settings = settings or ServerSettings()
     loader = (lambda: engine) if engine is not None else (engine_loader or default_loader(settings))
+    signer = make_signer(settings)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -64,7 +66,7 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
         hub = EventHub()
         hub.bind(asyncio.get_running_loop())
         metrics = Metrics(lambda: state.worker.engine)
-        state = ServerState(settings, store, hub, metrics, Worker(store, hub, metrics, settings, loader))
+        state = ServerState(settings, store, hub, metrics, Worker(store, hub, metrics, settings, loader), signer)
         app.state.zimage = state
         state.worker.start()
         try:
@@ -86,7 +88,7 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
     # first byte over, which the routes answer as JSON. (FastAPI's own max_body_size sits outside every user
     # middleware and would replace the guard's JSON 413 by plain text.)
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)
-    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=MAX_BODY_BYTES)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=MAX_BODY_BYTES, signer=signer)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -99,6 +101,16 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
     app.include_router(build_router(), dependencies=[_depends(bearer_scheme())])
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def make_signer(settings: ServerSettings):
+    """Image URLs are signed only where they need to be: with an API key (without one they are open anyway)."""
+    if not settings.api_key or settings.url_ttl_s <= 0:
+        return None
+    from zimage.server.signing import UrlSigner, load_or_create_secret
+
+    secret = settings.url_secret.encode() if settings.url_secret else load_or_create_secret(settings.data_dir)
+    return UrlSigner(secret, settings.url_ttl_s)
 
 
 class HttpMetrics:

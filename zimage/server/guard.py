@@ -23,10 +23,13 @@ def is_public(path: str) -> bool:
 
 
 class RequestGuard:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, signer=None):
+        """`signer` (signing.UrlSigner): a GET of an image URL that carries a signature is let through without
+        the key when the signature opens it, and refused (403) when it does not."""
         self.app = app
         self.expected = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.signer = signer
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -49,7 +52,10 @@ class RequestGuard:
         from starlette.datastructures import Headers
 
         headers = Headers(scope=scope)
-        if self.expected is not None and not is_public(scope["path"]):
+        signed = self.signer.scope_access(scope) if self.signer is not None else None
+        if isinstance(signed, ApiError):
+            return signed
+        if self.expected is not None and not is_public(scope["path"]) and signed is not True:
             error = key_error(headers, self.expected)
             if error is not None:
                 return error

@@ -71,7 +71,7 @@ def build_router() -> APIRouter:
                 raise ApiError(409, "the job was cancelled", "cancelled")
             err = job.error or {}
             raise ApiError(500, err.get("message", "generation failed"), err.get("code", "generation_failed"))
-        view = job_view(state, job, request)
+        view = job_view(state, job)
         data = []
         for img in view.images:
             if body.response_format == "url":
@@ -88,17 +88,17 @@ def build_router() -> APIRouter:
     async def create_job(body: JobCreate, request: Request):
         """Queue a generation and return its id at once (the job is stored before this answers)."""
         state = get_state(request)
-        return job_view(state, _submit(state, body), request)
+        return job_view(state, _submit(state, body))
 
     @router.get("/v1/jobs", response_model=JobList, tags=["jobs"])
     async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=100, description="Newest first.")):
         state = get_state(request)
-        return JobList(data=[job_view(state, j, request) for j in state.store.list(limit=limit)])
+        return JobList(data=[job_view(state, j) for j in state.store.list(limit=limit)])
 
     @router.get("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=_ERRORS)
     async def get_job(job_id: str, request: Request):
         state = get_state(request)
-        return job_view(state, _find(state, job_id), request)
+        return job_view(state, _find(state, job_id))
 
     @router.delete("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=_ERRORS)
     async def cancel_job(job_id: str, request: Request):
@@ -109,7 +109,7 @@ def build_router() -> APIRouter:
             job = _find(state, job_id)
             if job.status != "cancelled":
                 raise ApiError(409, f"job {job_id} already {job.status}", "job_finished", "job_id")
-        return job_view(state, _find(state, job_id), request)
+        return job_view(state, _find(state, job_id))
 
     @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], responses={
         200: {"content": {"text/event-stream": {}}, "description": "Server-sent events: queued {position}, "
@@ -211,4 +211,4 @@ async def _stream(state, job_id: str, queue, request: Request):
 
 
 def _job_json(state, job, request) -> dict:
-    return job_view(state, job, request).model_dump(mode="json")
+    return job_view(state, job).model_dump(mode="json")

@@ -9,6 +9,7 @@ from pathlib import Path
 from zimage.engine.config import EngineConfig
 
 API_KEY_ENV = "ZIMAGE_API_KEY"
+URL_SECRET_ENV = "ZIMAGE_URL_SECRET"
 DATA_DIR_ENV = "ZIMAGE_DATA_DIR"
 
 
@@ -43,7 +44,9 @@ class ServerSettings:
     warmup_steps: int = 2
     # web
     cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are given
-    public_url: str | None = None  # base of image URLs in responses; None: taken from the request
+    public_url: str | None = None  # base of image URLs in responses; None: relative URLs (never the Host header)
+    url_ttl_s: int = 3600  # with an API key, image URLs are signed and open without the key this long; 0: unsigned
+    url_secret: str | None = None  # HMAC key of signed URLs; None: <data_dir>/url-secret, created on first use
     previews: bool = True  # SSE "preview" events: a small JPEG of the latents every few steps
     log_level: str = "info"
 
