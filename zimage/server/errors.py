@@ -30,6 +30,9 @@ class ApiError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
 
+    def body(self) -> dict:
+        return error_body(self.status, self.message, self.code, self.param)
+
 
 def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}

@@ -13,13 +13,17 @@ from zimage.server.events import TERMINAL_EVENTS, format_sse
 from zimage.server.images import MEDIA_TYPES
 from zimage.server.schemas import (
     ErrorBody, Health, ImageData, ImageGenerationRequest, ImageGenerationResponse, Job, JobCreate, JobList,
-    ModelCard, ModelList,
+    ModelCard, ModelList, ServerStatus,
 )
 from zimage.server.views import job_view
-from zimage.server.worker import QueueFull
+from zimage.server.worker import QueueFull, Unavailable
+from zimage.version import __version__
 
 KEEPALIVE_S = 15.0  # SSE comment line so that proxies keep an idle stream open
+STREAM_POLL_S = 1.0  # how often an idle stream checks that jobs can still run
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 429)}
+_WORK_ERRORS = {**_ERRORS, 503: {"model": ErrorBody, "description": "No job can run: the model failed to load, or "
+                                 "the job worker stopped (the message says which)."}}
 
 DISCONNECT_POLL_S = 0.5  # how often a waiting synchronous request checks that its client is still there
 
@@ -29,12 +33,13 @@ def build_public_router() -> APIRouter:
 
     @router.get("/health", response_model=Health, responses={503: {"model": Health}}, tags=["server"])
     async def health(request: Request):
-        """200 once the model is loaded and warmed up; 503 while loading (or if loading failed)."""
-        state = get_state(request)
-        w = state.worker
-        body = Health(status=w.state, detail=w.detail, queue=w.queue_length(),
-                      engine=w.engine.describe() if w.state == "ok" else None)
-        return Response(body.model_dump_json(), 200 if w.state == "ok" else 503, media_type="application/json")
+        """200 once the model is loaded and warmed up; 503 while loading, or when no job can run (the load failed
+        or the worker stopped). Public, so it says only that and the queue: the engine (its model path) and the
+        cause of a failure are for authenticated callers, at /v1/status, and in the server log."""
+        w = get_state(request).worker
+        status, detail = w.health()
+        body = Health(status=status, detail=detail, queue=w.queue_length(), running=w.running_count())
+        return Response(body.model_dump_json(), 200 if status == "ok" else 503, media_type="application/json")
 
     @router.get("/", include_in_schema=False)
     async def page():
@@ -51,6 +56,16 @@ def build_router() -> APIRouter:
         """Prometheus text format: queue depth, latencies, images, errors by kind, VRAM (CUDA)."""
         return Response(get_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
+    @router.get("/v1/status", response_model=ServerStatus, tags=["server"])
+    async def server_status(request: Request):
+        """/health for authenticated callers: also the engine (model, path, device, dtype, memory plan, speed)
+        and, when the server failed, the cause."""
+        w = get_state(request).worker
+        status, detail = w.health()
+        return ServerStatus(status=status, detail=detail, error=w.error, queue=w.queue_length(),
+                            running=w.running_count(), engine=w.engine.describe() if w.engine is not None else None,
+                            version=__version__)
+
     @router.get("/v1/models", response_model=ModelList, tags=["openai"])
     async def models(request: Request):
         engine = get_state(request).worker.engine
@@ -59,7 +74,7 @@ def build_router() -> APIRouter:
 
     @router.post("/v1/images/generations", response_model=ImageGenerationResponse, tags=["openai"],
                  response_model_exclude_none=True,
-                 responses={**_ERRORS, 500: {"model": ErrorBody}})
+                 responses={**_WORK_ERRORS, 500: {"model": ErrorBody}})
     async def generations(body: ImageGenerationRequest, request: Request):
         """OpenAI's images API. The request is stored as a job (so a crash loses nothing) and awaited; a client
         that disconnects cancels it."""
@@ -84,7 +99,7 @@ def build_router() -> APIRouter:
         return ImageGenerationResponse(created=int(job.created), data=data, output_format=p.output_format,
                                        size=f"{p.width}x{p.height}")
 
-    @router.post("/v1/jobs", response_model=Job, status_code=202, tags=["jobs"], responses=_ERRORS)
+    @router.post("/v1/jobs", response_model=Job, status_code=202, tags=["jobs"], responses=_WORK_ERRORS)
     async def create_job(body: JobCreate, request: Request):
         """Queue a generation and return its id at once (the job is stored before this answers)."""
         state = get_state(request)
@@ -146,6 +161,12 @@ def _submit(state, body: JobCreate):
     except QueueFull as e:
         state.metrics.errors.labels("queue_full").inc()
         raise ApiError(429, str(e), "queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+    except Unavailable as e:
+        raise unavailable(str(e)) from None
+
+
+def unavailable(reason: str) -> ApiError:
+    return ApiError(503, reason, "engine_unavailable")
 
 
 def _find(state, job_id: str):
@@ -174,6 +195,10 @@ async def _wait(state, job_id: str, request: Request):
                 if await request.is_disconnected():
                     state.worker.cancel(job_id)
                     raise ApiError(409, "the client disconnected", "client_disconnected")
+                if (reason := state.worker.unavailable()) is not None:
+                    # The job would wait for a restart; this client is told now, and its job does not outlive it.
+                    state.worker.cancel(job_id)
+                    raise unavailable(reason)
         return job
     finally:
         state.hub.unsubscribe(job_id, queue)
@@ -192,12 +217,20 @@ async def _stream(state, job_id: str, queue, request: Request):
             if (prog := state.worker.progress(job_id)) is not None:
                 yield format_sse("progress", prog)
         last_preview = 0.0
+        last_sent = time.monotonic()
         while True:
             try:
-                event, data = await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_S)
+                event, data = await asyncio.wait_for(queue.get(), timeout=STREAM_POLL_S)
             except TimeoutError:
-                yield ": keep-alive\n\n"
+                if (reason := state.worker.unavailable()) is not None:
+                    # The job stays queued for a restart; the stream ends here instead of idling forever.
+                    yield format_sse("error", unavailable(reason).body())
+                    return
+                if time.monotonic() - last_sent >= KEEPALIVE_S:
+                    last_sent = time.monotonic()
+                    yield ": keep-alive\n\n"
                 continue
+            last_sent = time.monotonic()
             if event in TERMINAL_EVENTS:
                 yield format_sse(event, {"job": _job_json(state, state.store.get(job_id), request)})
                 return

@@ -128,10 +128,18 @@ class ErrorBody(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "loading", "failed"]
-    detail: str | None = None
-    engine: dict | None = None
-    queue: int = 0
+    status: Literal["ok", "loading", "failed"] = Field(..., description="ok: jobs run; loading (or warming up): "
+                                                       "jobs are accepted and run once ready; failed: no job can run")
+    detail: str | None = Field(None, description="A few words on the state (the cause is in the server log).")
+    queue: int = Field(0, description="Jobs waiting.")
+    running: int = Field(0, description="Jobs in the batch now running.")
+
+
+class ServerStatus(Health):
+    error: str | None = Field(None, description="Why the server failed (exception type and message).")
+    engine: dict | None = Field(None, description="The loaded engine: model, path, device, dtype, memory plan, "
+                                                  "speed.")
+    version: str
 
 
 class ModelCard(BaseModel):
