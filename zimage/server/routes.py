@@ -186,7 +186,7 @@ async def _wait(state, job_id: str, request: Request):
         while not job.terminal:
             try:
                 event, _ = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # (on 3.10 not the builtin TimeoutError; on 3.11+ the same class)
                 event = None
             if event is None or event in TERMINAL_EVENTS:
                 job = state.store.get(job_id)
@@ -221,7 +221,7 @@ async def _stream(state, job_id: str, queue, request: Request):
         while True:
             try:
                 event, data = await asyncio.wait_for(queue.get(), timeout=STREAM_POLL_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # (on 3.10 not the builtin TimeoutError; on 3.11+ the same class)
                 if (reason := state.worker.unavailable()) is not None:
                     # The job stays queued for a restart; the stream ends here instead of idling forever.
                     yield format_sse("error", unavailable(reason).body())
