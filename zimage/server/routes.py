@@ -1,4 +1,9 @@
-"""The routes. Public: /health and the page. Everything else is behind the API key (when one is set)."""
+"""The routes. Public: /health and the page. Everything else is behind the API key (when one is set).
+
+The job store is synchronous SQLite (synchronous=FULL: a commit waits for the disk) and images are files: every
+call into them runs in a worker thread (asyncio.to_thread), never on the event loop, which serves every other
+request and stream meanwhile.
+"""
 
 import asyncio
 import base64
@@ -79,7 +84,7 @@ def build_router() -> APIRouter:
         """OpenAI's images API. The request is stored as a job (so a crash loses nothing) and awaited; a client
         that disconnects cancels it."""
         state = get_state(request)
-        job = _submit(state, body)
+        job = await _submit(state, body)
         job = await _wait(state, job.id, request)
         if job.status != "succeeded":
             if job.status == "cancelled":
@@ -92,7 +97,7 @@ def build_router() -> APIRouter:
             if body.response_format == "url":
                 data.append(ImageData(url=img.url, revised_prompt=body.prompt, seed=img.seed))
             else:
-                raw = (state.store.images_dir / img.id).read_bytes()
+                raw = await asyncio.to_thread((state.store.images_dir / img.id).read_bytes)
                 data.append(ImageData(b64_json=base64.b64encode(raw).decode(), revised_prompt=body.prompt,
                                       seed=img.seed))
         p = view.params
@@ -103,28 +108,29 @@ def build_router() -> APIRouter:
     async def create_job(body: JobCreate, request: Request):
         """Queue a generation and return its id at once (the job is stored before this answers)."""
         state = get_state(request)
-        return job_view(state, _submit(state, body))
+        return job_view(state, await _submit(state, body))
 
     @router.get("/v1/jobs", response_model=JobList, tags=["jobs"])
     async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=100, description="Newest first.")):
         state = get_state(request)
-        return JobList(data=[job_view(state, j) for j in state.store.list(limit=limit)])
+        jobs = await asyncio.to_thread(state.store.list, limit=limit)
+        return JobList(data=[job_view(state, j) for j in jobs])
 
     @router.get("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=_ERRORS)
     async def get_job(job_id: str, request: Request):
         state = get_state(request)
-        return job_view(state, _find(state, job_id))
+        return job_view(state, await _find(state, job_id))
 
     @router.delete("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=_ERRORS)
     async def cancel_job(job_id: str, request: Request):
         """Cancel: a queued job never runs; a running one stops at the next step. 409 if it already finished."""
         state = get_state(request)
-        job = _find(state, job_id)
-        if job.status != "cancelled" and not state.worker.cancel(job_id):
-            job = _find(state, job_id)
+        job = await _find(state, job_id)
+        if job.status != "cancelled" and not await asyncio.to_thread(state.worker.cancel, job_id):
+            job = await _find(state, job_id)
             if job.status != "cancelled":
                 raise ApiError(409, f"job {job_id} already {job.status}", "job_finished", "job_id")
-        return job_view(state, _find(state, job_id))
+        return job_view(state, await _find(state, job_id))
 
     @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], responses={
         200: {"content": {"text/event-stream": {}}, "description": "Server-sent events: queued {position}, "
@@ -132,7 +138,7 @@ def build_router() -> APIRouter:
               "failed {job} | cancelled {job}; the stream ends after that."}, **_ERRORS})
     async def job_events(job_id: str, request: Request):
         state = get_state(request)
-        _find(state, job_id)
+        await _find(state, job_id)
         queue = state.hub.subscribe(job_id)  # before reading the state, so no event falls between
         return StreamingResponse(_stream(state, job_id, queue, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -141,7 +147,7 @@ def build_router() -> APIRouter:
                 responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, 404: {"model": ErrorBody}})
     async def image_file(name: str, request: Request):
         """An image of a finished job, by the id in its job (e.g. job_...-0.png)."""
-        path = get_state(request).store.image_path(name)
+        path = await asyncio.to_thread(get_state(request).store.image_path, name)
         if path is None:
             raise ApiError(404, "no such image", "not_found", "name")
         return FileResponse(path, media_type=MEDIA_TYPES[path.suffix[1:]],
@@ -150,14 +156,14 @@ def build_router() -> APIRouter:
     return router
 
 
-def _submit(state, body: JobCreate):
+async def _submit(state, body: JobCreate):
     s = state.settings
     req = body.to_engine(s.default_size, s.default_steps)  # UsageError -> 400 naming the field
     params = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "width": req.width,
               "height": req.height, "steps": req.steps, "guidance": req.guidance, "seed": req.seed, "n": req.n,
               "output_format": body.output_format, "output_compression": body.output_compression}
     try:
-        return state.worker.submit(params, req)
+        return await asyncio.to_thread(state.worker.submit, params, req)  # commits to the store
     except QueueFull as e:
         state.metrics.errors.labels("queue_full").inc()
         raise ApiError(429, str(e), "queue_full", headers={"Retry-After": str(e.retry_after)}) from None
@@ -169,8 +175,8 @@ def unavailable(reason: str) -> ApiError:
     return ApiError(503, reason, "engine_unavailable")
 
 
-def _find(state, job_id: str):
-    job = state.store.get(job_id)  # ids are checked against their pattern first: '../x' is simply not found
+async def _find(state, job_id: str):
+    job = await asyncio.to_thread(state.store.get, job_id)  # ids are matched against their pattern: '../x' is not found
     if job is None:
         raise ApiError(404, "no such job", "not_found", "job_id")
     return job
@@ -181,7 +187,7 @@ async def _wait(state, job_id: str, request: Request):
     while progress events keep arriving)."""
     queue = state.hub.subscribe(job_id)
     try:
-        job = state.store.get(job_id)
+        job = await asyncio.to_thread(state.store.get, job_id)
         last_check = time.monotonic()
         while not job.terminal:
             try:
@@ -189,15 +195,15 @@ async def _wait(state, job_id: str, request: Request):
             except asyncio.TimeoutError:  # (on 3.10 not the builtin TimeoutError; on 3.11+ the same class)
                 event = None
             if event is None or event in TERMINAL_EVENTS:
-                job = state.store.get(job_id)
+                job = await asyncio.to_thread(state.store.get, job_id)
             if not job.terminal and time.monotonic() - last_check >= DISCONNECT_POLL_S:
                 last_check = time.monotonic()
                 if await request.is_disconnected():
-                    state.worker.cancel(job_id)
+                    await asyncio.to_thread(state.worker.cancel, job_id)
                     raise ApiError(409, "the client disconnected", "client_disconnected")
                 if (reason := state.worker.unavailable()) is not None:
                     # The job would wait for a restart; this client is told now, and its job does not outlive it.
-                    state.worker.cancel(job_id)
+                    await asyncio.to_thread(state.worker.cancel, job_id)
                     raise unavailable(reason)
         return job
     finally:
@@ -206,7 +212,7 @@ async def _wait(state, job_id: str, request: Request):
 
 async def _stream(state, job_id: str, queue, request: Request):
     try:
-        job = state.store.get(job_id)
+        job = await asyncio.to_thread(state.store.get, job_id)
         if job.terminal:
             yield format_sse(job.status, {"job": _job_json(state, job, request)})
             return
@@ -232,7 +238,8 @@ async def _stream(state, job_id: str, queue, request: Request):
                 continue
             last_sent = time.monotonic()
             if event in TERMINAL_EVENTS:
-                yield format_sse(event, {"job": _job_json(state, state.store.get(job_id), request)})
+                job = await asyncio.to_thread(state.store.get, job_id)
+                yield format_sse(event, {"job": _job_json(state, job, request)})
                 return
             if event == "preview":
                 if time.monotonic() - last_preview < 0.2:
