@@ -156,6 +156,11 @@ def test_page_is_served(client):
     ({"prompt": "x", "size": "250x256"}, "size", "invalid_value"),
     ({"prompt": "x", "size": "4096x4096"}, "size", "invalid_value"),
     ({"prompt": "x", "size": "big"}, "size", "invalid_value"),
+    ({"prompt": "x", "size": "\u00b2\u2075\u2076x256"}, "size", "invalid_value"),  # superscript digits: isdigit() but not int()
+    ({"prompt": "x", "size": "\u0662\u0665\u0666x256"}, "size", "invalid_value"),  # Arabic-Indic digits
+    ({"prompt": "x", "size": "2" * 5000 + "x256"}, "size", "invalid_value"),  # int() refuses > 4300 digits
+    ({"prompt": "x", "size": "256x256 "}, "size", "invalid_value"),
+    ({"prompt": "x", "size": "100x100"}, "size", "invalid_value"),
     ({"prompt": "x", "n": 0}, "n", "invalid_value"),
     ({"prompt": "x", "n": 17}, "n", "invalid_value"),
     ({"prompt": "x", "num_inference_steps": 101}, "num_inference_steps", "invalid_value"),
@@ -172,6 +177,13 @@ def test_bad_requests_are_400_with_error_body(client, body, param, code):
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["code"] == code
     assert "Traceback" not in r.text
+
+
+def test_size_below_the_minimum_names_the_range_not_out_of_range_neighbours(client):
+    err = client.post("/v1/images/generations", json={"prompt": "x", "size": "100x256"}).json()["error"]
+    assert err["message"] == "size: width must be between 256 and 2048, got 100" and err["param"] == "size"
+    err = client.post("/v1/images/generations", json={"prompt": "x", "size": "260x256"}).json()["error"]
+    assert "nearest: 256 or 272" in err["message"]  # in range: the nearest multiples are useful
 
 
 def test_other_errors(client):

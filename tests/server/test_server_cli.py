@@ -46,6 +46,7 @@ def test_bad_flags_are_usage_errors(argv, param):
     with pytest.raises(UsageError) as e:
         serve.settings_from_args(parse(*argv), environ={})
     assert e.value.param == param
+    assert "nearest" not in str(e.value)  # 100x100 is out of range: no "nearest: 96 or 112" (both out of range)
 
 
 def test_engine_flags_become_one_engine_config_the_loader_uses(monkeypatch, tmp_path):

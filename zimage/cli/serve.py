@@ -56,13 +56,13 @@ def settings_from_args(args, environ=os.environ):
     """argparse namespace -> ServerSettings (validated: a bad value is a UsageError naming the flag)."""
     from zimage.cli.common import engine_config
     from zimage.server.settings import API_KEY_ENV, URL_SECRET_ENV, ServerSettings, default_data_dir
-    from zimage.sizes import parse_size
+    from zimage.server.size_text import parse_size_text
 
     def size(flag, text):
         try:
-            return parse_size(text)
+            return parse_size_text(text, param=f"--{flag}")
         except UsageError as e:
-            raise UsageError(f"--{flag}: {e}", param=flag) from None
+            raise UsageError(str(e), param=flag) from None
 
     for flag, value, low in (("port", args.port, 0), ("max-queue", args.max_queue, 1),
                              ("max-batch", args.max_batch, 1)):

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from zimage.request import (
     MAX_GUIDANCE, MAX_IMAGES_PER_PROMPT, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, GenerateRequest,
 )
-from zimage.sizes import parse_size
+from zimage.server.size_text import SIZE_PATTERN, parse_size_text
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -25,7 +25,9 @@ class JobCreate(BaseModel):
                                  description="What to avoid; used only when guidance_scale > 0.")
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Number of images (seeds seed, seed+1, ...).")
     size: str = Field("auto", description="WIDTHxHEIGHT in pixels, each a multiple of 16 in 256..2048, "
-                                          "or 'auto' for the server's default size.", examples=["1024x1024"])
+                                          "or 'auto' for the server's default size.", examples=["1024x1024"],
+                      # documented, checked in to_engine (parse_size_text), whose message names the rule broken
+                      json_schema_extra={"pattern": f"^auto$|{SIZE_PATTERN}"})
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; omitted: random "
                                                                   "(the seed used is reported).")
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
@@ -39,7 +41,7 @@ class JobCreate(BaseModel):
 
     def to_engine(self, default_size: tuple[int, int], default_steps: int) -> GenerateRequest:
         """The validated engine request; raises zimage.errors.UsageError (-> 400) naming the field."""
-        width, height = default_size if self.size == "auto" else parse_size(self.size)
+        width, height = default_size if self.size == "auto" else parse_size_text(self.size)
         return GenerateRequest(
             prompts=(self.prompt,), negative_prompt=self.negative_prompt, width=width, height=height,
             steps=self.num_inference_steps or default_steps, guidance=self.guidance_scale, seed=self.seed, n=self.n,
