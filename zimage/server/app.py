@@ -49,6 +49,7 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
 
     from zimage.server.auth import bearer_scheme
     from zimage.server.guard import RequestGuard
+    from zimage.server.openapi import install_openapi
     from zimage.server.events import EventHub
     from zimage.server.jobs import JobStore
     from zimage.server.metrics import Metrics
@@ -81,6 +82,7 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
                     "Errors are `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
     )
     install_error_handlers(app)
+    install_openapi(app)
 
     # Middleware added last runs first: metrics see every answer; CORS answers preflights (which carry no key)
     # and labels refusals; the guard refuses a missing key or a declared oversized body before any route or body
@@ -97,8 +99,12 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
                            allow_headers=["Authorization", "Content-Type", "X-API-Key"])
     app.add_middleware(HttpMetrics)
 
-    app.include_router(build_public_router())
-    app.include_router(build_router(), dependencies=[_depends(bearer_scheme())])
+    public, api = build_public_router(), build_router()
+    app.include_router(public)
+    app.include_router(api, dependencies=[_depends(bearer_scheme())])
+    # Every route with its methods, for the Allow header of a 405 (errors.allowed_methods): the routers' own
+    # lists, since FastAPI keeps included routers as opaque entries in app.routes.
+    app.state.method_routes = [r for r in (*app.routes, *public.routes, *api.routes) if getattr(r, "methods", None)]
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 

@@ -61,6 +61,8 @@ def install_error_handlers(app) -> None:
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
         message = first.get("msg", "invalid request")
+        if "input" in first and first.get("type") not in ("missing", "json_invalid", "extra_forbidden"):
+            message = f"{message}, got {_shown(first['input'])}"
         if param:
             message = f"{param}: {message}"
         code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
@@ -70,7 +72,11 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+        if exc.status_code == 405:  # starlette's Allow names the methods of one route; a path may have several
+            allowed = allowed_methods(request)
+            return reply(405, f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}",
+                         "method_not_allowed", None, {"Allow": allowed})
+        codes = {404: "not_found", 413: "body_too_large"}
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
@@ -87,6 +93,28 @@ def install_error_handlers(app) -> None:
     async def _unexpected(request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return reply(500, "internal server error (details are in the server log)", "internal_error")
+
+
+def allowed_methods(request) -> str:
+    """Every method of every route whose path matches this request's path (HEAD included with GET)."""
+    from starlette.routing import Match
+
+    methods = set()
+    for route in request.app.state.method_routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(route.methods)
+    return ", ".join(sorted(methods))
+
+
+def _shown(value) -> str:
+    """A JSON value as the client wrote it, cut short."""
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # GenerateRequest names fields as the engine does; the HTTP API names them as OpenAI and open servers do.

@@ -11,6 +11,7 @@ import time
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
+from starlette.convertors import CONVERTOR_TYPES, register_url_convertor
 
 from zimage.server.app import STATIC_DIR, get_state
 from zimage.server.errors import ApiError
@@ -24,11 +25,32 @@ from zimage.server.views import job_view
 from zimage.server.worker import QueueFull, Unavailable
 from zimage.version import __version__
 
+class ImageNameConvertor:
+    """Path segment of an image name (`job_<24 hex>-<i>.<ext>`, as jobs.py names them). So that
+    /v1/images/generations is not taken for an image name: any method but POST there is a 405, not a 404."""
+
+    regex = r"job_[0-9a-f]{24}-[0-9]{1,2}\.(?:png|jpeg|webp)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+# Starlette looks convertors up by name in one registry; adding a name of our own changes no other route.
+if "image_name" not in CONVERTOR_TYPES:
+    register_url_convertor("image_name", ImageNameConvertor())
+
 KEEPALIVE_S = 15.0  # SSE comment line so that proxies keep an idle stream open
 STREAM_POLL_S = 1.0  # how often an idle stream checks that jobs can still run
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 409, 429)}
-_WORK_ERRORS = {**_ERRORS, 503: {"model": ErrorBody, "description": "No job can run: the model failed to load, or "
-                                 "the job worker stopped (the message says which)."}}
+def _errors(*codes: int) -> dict:
+    """OpenAPI responses with the error body, for the statuses a route can answer (beyond 401, on every one)."""
+    words = {400: "A bad value (`param` names it).", 403: "The URL's signature is not valid, or has expired.",
+             404: "No such job or image.", 409: "The job was cancelled, or already finished.",
+             429: "The queue is full (see Retry-After).", 500: "The generation failed.",
+             503: "No job can run: the model failed to load, or the job worker stopped (the message says which)."}
+    return {c: {"model": ErrorBody, "description": words[c]} for c in codes}
 
 DISCONNECT_POLL_S = 0.5  # how often a waiting synchronous request checks that its client is still there
 
@@ -79,7 +101,7 @@ def build_router() -> APIRouter:
 
     @router.post("/v1/images/generations", response_model=ImageGenerationResponse, tags=["openai"],
                  response_model_exclude_none=True,
-                 responses={**_WORK_ERRORS, 500: {"model": ErrorBody}})
+                 responses=_errors(400, 409, 429, 500, 503))
     async def generations(body: ImageGenerationRequest, request: Request):
         """OpenAI's images API. The request is stored as a job (so a crash loses nothing) and awaited; a client
         that disconnects cancels it."""
@@ -104,24 +126,24 @@ def build_router() -> APIRouter:
         return ImageGenerationResponse(created=int(job.created), data=data, output_format=p.output_format,
                                        size=f"{p.width}x{p.height}")
 
-    @router.post("/v1/jobs", response_model=Job, status_code=202, tags=["jobs"], responses=_WORK_ERRORS)
+    @router.post("/v1/jobs", response_model=Job, status_code=202, tags=["jobs"], responses=_errors(400, 429, 503))
     async def create_job(body: JobCreate, request: Request):
         """Queue a generation and return its id at once (the job is stored before this answers)."""
         state = get_state(request)
         return job_view(state, await _submit(state, body))
 
-    @router.get("/v1/jobs", response_model=JobList, tags=["jobs"])
+    @router.get("/v1/jobs", response_model=JobList, tags=["jobs"], responses=_errors(400))
     async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=100, description="Newest first.")):
         state = get_state(request)
         jobs = await asyncio.to_thread(state.store.list, limit=limit)
         return JobList(data=[job_view(state, j) for j in jobs])
 
-    @router.get("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=_ERRORS)
+    @router.get("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=_errors(404))
     async def get_job(job_id: str, request: Request):
         state = get_state(request)
         return job_view(state, await _find(state, job_id))
 
-    @router.delete("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=_ERRORS)
+    @router.delete("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=_errors(404, 409))
     async def cancel_job(job_id: str, request: Request):
         """Cancel: a queued job never runs; a running one stops at the next step. 409 if it already finished."""
         state = get_state(request)
@@ -135,7 +157,7 @@ def build_router() -> APIRouter:
     @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], responses={
         200: {"content": {"text/event-stream": {}}, "description": "Server-sent events: queued {position}, "
               "running, progress {phase, step, total}, preview {step, image}, then succeeded {job} | "
-              "failed {job} | cancelled {job}; the stream ends after that."}, **_ERRORS})
+              "failed {job} | cancelled {job}; the stream ends after that."}, **_errors(404)})
     async def job_events(job_id: str, request: Request):
         state = get_state(request)
         await _find(state, job_id)
@@ -143,10 +165,14 @@ def build_router() -> APIRouter:
         return StreamingResponse(_stream(state, job_id, queue, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @router.get("/v1/images/{name}", tags=["jobs"], response_class=FileResponse,
-                responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, 404: {"model": ErrorBody}})
-    async def image_file(name: str, request: Request):
-        """An image of a finished job, by the id in its job (e.g. job_...-0.png)."""
+    @router.get("/v1/images/{name:image_name}", tags=["jobs"], response_class=FileResponse,
+                responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, **_errors(403, 404)})
+    async def image_file(name: str, request: Request,
+                         expires: str | None = Query(None, description="Of a signed URL: its expiry (Unix s)."),
+                         sig: str | None = Query(None, description="Of a signed URL: its signature. A signed URL "
+                                                                   "needs no API key (checked before routing).")):
+        """An image of a finished job, by the id in its job (e.g. job_...-0.png); the URLs in jobs carry a
+        signature when the server has an API key."""
         path = await asyncio.to_thread(get_state(request).store.image_path, name)
         if path is None:
             raise ApiError(404, "no such image", "not_found", "name")

@@ -18,7 +18,9 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 class JobCreate(BaseModel):
     """What to generate. Field names follow OpenAI's images API plus the extensions open servers use."""
 
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+    # A misspelt field is an error, not silently ignored; and types are strict: `n: true`, `n: "1"`,
+    # `num_inference_steps: 55.0` are refused, not coerced (an integer is still accepted where a number is asked).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="What the image shows.")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
