@@ -16,6 +16,7 @@ from starlette.convertors import CONVERTOR_TYPES, register_url_convertor
 from zimage.server.app import STATIC_DIR, get_state
 from zimage.server.errors import ApiError
 from zimage.server.events import TERMINAL_EVENTS, format_sse
+from zimage.server.image_stream import image_events
 from zimage.server.images import MEDIA_TYPES
 from zimage.server.schemas import (
     ErrorBody, Health, ImageData, ImageGenerationRequest, ImageGenerationResponse, Job, JobCreate, JobList,
@@ -101,12 +102,20 @@ def build_router() -> APIRouter:
 
     @router.post("/v1/images/generations", response_model=ImageGenerationResponse, tags=["openai"],
                  response_model_exclude_none=True,
-                 responses=_errors(400, 409, 429, 500, 503))
+                 responses={200: {"content": {"text/event-stream": {}}, "description": "JSON; with stream: true, "
+                                  "server-sent events (image_generation.partial_image, image_generation.completed, "
+                                  "error)."}, **_errors(400, 409, 429, 500, 503)})
     async def generations(body: ImageGenerationRequest, request: Request):
         """OpenAI's images API. The request is stored as a job (so a crash loses nothing) and awaited; a client
-        that disconnects cancels it."""
+        that disconnects cancels it. With `stream: true` the answer is OpenAI's image streaming events
+        (text/event-stream): image_generation.partial_image, image_generation.completed, or error."""
         state = get_state(request)
+        body.check_openai_options()
         job = await _submit(state, body)
+        if body.stream:
+            return StreamingResponse(image_events(state, job, body, request, DISCONNECT_POLL_S),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         job = await _wait(state, job.id, request)
         if job.status != "succeeded":
             if job.status == "cancelled":

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from zimage.errors import UsageError
 from zimage.request import (
     MAX_GUIDANCE, MAX_IMAGES_PER_PROMPT, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, GenerateRequest,
 )
@@ -56,6 +57,30 @@ class ImageGenerationRequest(JobCreate):
     model: str | None = Field(None, description="Accepted for compatibility; this server serves one model.")
     response_format: Literal["b64_json", "url"] = Field("b64_json", description="Images inline, or as URLs.")
     user: str | None = Field(None, max_length=256, description="Accepted for compatibility; logged only.")
+    # OpenAI's parameters for its gpt-image models, which the official client passes on when given.
+    stream: bool | None = Field(None, description="Send OpenAI's image streaming events (server-sent events): "
+                                                  "partial images, then one image_generation.completed per image.")
+    partial_images: int | None = Field(None, ge=0, le=3, description="With stream: at most this many step previews "
+                                       "(small JPEGs of the latents) as image_generation.partial_image events.")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="auto and opaque are accepted; transparent is refused (the model makes opaque images).")
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = Field(
+        None, description="Accepted and ignored: quality follows num_inference_steps (echoed in stream events).")
+    style: Literal["vivid", "natural"] | None = Field(None, description="Accepted and ignored (no style control).")
+    moderation: Literal["auto", "low"] | None = Field(None, description="Accepted and ignored: this server runs "
+                                                                         "no moderation.")
+
+    def check_openai_options(self) -> None:
+        """The combinations that cannot be honoured, as a UsageError (400) naming the field and why."""
+        if self.background == "transparent":
+            raise UsageError("background 'transparent' is not possible: Z-Image makes opaque RGB images (use "
+                             "'auto' or 'opaque')", param="background")
+        if self.stream and self.response_format == "url" and "response_format" in self.model_fields_set:
+            raise UsageError("response_format 'url' cannot be streamed: stream events carry the image as b64_json",
+                             param="response_format")
+        if self.partial_images and not self.stream:
+            raise UsageError("partial_images needs stream: true (partial images are sent only as stream events)",
+                             param="partial_images")
 
 
 class ImageData(BaseModel):
