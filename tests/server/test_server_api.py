@@ -209,3 +209,14 @@ def test_engine_failure_is_a_failed_job_not_a_traceback(make_client, gated):
     assert r.json()["error"]["code"] == "runtime_error" and "Traceback" not in r.text
     assert "simulated" not in r.text  # unexpected errors are logged, not shown
     assert 'zimage_errors_total{kind="runtime_error"} 1.0' in c.get("/metrics").text
+
+
+def test_negative_prompt_without_guidance_is_noted_not_silently_dropped(client, wait_status):
+    body = job_body(negative_prompt="blurry")
+    r = client.post("/v1/images/generations", json=body).json()
+    assert len(r["warnings"]) == 1 and "negative_prompt is ignored" in r["warnings"][0]
+    job = wait_status(client, client.post("/v1/jobs", json=body).json()["id"])
+    assert job["warnings"] == r["warnings"]
+    used = client.post("/v1/images/generations", json={**body, "guidance_scale": 2.0}).json()
+    assert "warnings" not in used  # with guidance the negative prompt is used: nothing to say
+    assert "warnings" not in client.post("/v1/images/generations", json=job_body()).json()

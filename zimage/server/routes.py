@@ -133,7 +133,7 @@ def build_router() -> APIRouter:
                                       seed=img.seed))
         p = view.params
         return ImageGenerationResponse(created=int(job.created), data=data, output_format=p.output_format,
-                                       size=f"{p.width}x{p.height}")
+                                       size=f"{p.width}x{p.height}", warnings=view.warnings or None)
 
     @router.post("/v1/jobs", response_model=Job, status_code=202, tags=["jobs"], responses=_errors(400, 429, 503))
     async def create_job(body: JobCreate, request: Request):

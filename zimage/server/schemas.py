@@ -95,6 +95,17 @@ class ImageGenerationResponse(BaseModel):
     data: list[ImageData]
     output_format: OutputFormat
     size: str = Field(..., description="WIDTHxHEIGHT of the images.")
+    warnings: list[str] | None = Field(None, description="Extension: what of the request had no effect, and why "
+                                                         "(omitted when nothing).")
+
+
+def request_warnings(params: dict) -> list[str]:
+    """What of a stored request has no effect, said rather than silently dropped."""
+    warnings = []
+    if params.get("negative_prompt") and not params.get("guidance"):
+        warnings.append("negative_prompt is ignored: it is used only with classifier-free guidance "
+                        "(guidance_scale > 0), and guidance_scale is 0")
+    return warnings
 
 
 class JobImage(BaseModel):
@@ -145,6 +156,7 @@ class Job(BaseModel):
     params: JobParams
     images: list[JobImage] = []
     error: ErrorInfo | None = None
+    warnings: list[str] = Field([], description="What of the request had no effect, and why.")
 
 
 class JobList(BaseModel):

@@ -7,7 +7,7 @@ without the key until they expire.
 
 from __future__ import annotations
 
-from zimage.server.schemas import ErrorInfo, Job, JobImage, JobParams, JobProgress
+from zimage.server.schemas import ErrorInfo, Job, JobImage, JobParams, JobProgress, request_warnings
 
 
 def image_url(state, name: str) -> str:
@@ -26,4 +26,5 @@ def job_view(state, job) -> Job:
                 for i in job.images],
         error=ErrorInfo(type=job.error.get("type", "server_error"), message=job.error["message"],
                         code=job.error.get("code")) if job.error else None,
+        warnings=request_warnings(job.params),
     )
