@@ -146,6 +146,9 @@ def test_page_is_served(client):
     r = client.get("/")
     assert r.status_code == 200 and "<form" in r.text and "/static/app.js" in r.text
     assert client.get("/static/app.js").status_code == 200
+    assert client.get("/favicon.ico").status_code == 204  # asked for by every browser: not a 404 in the logs
+    assert '<link rel="icon" href="/static/favicon.svg"' in r.text
+    assert client.get("/static/favicon.svg").headers["content-type"].startswith("image/svg+xml")
 
 
 @pytest.mark.parametrize("body,param,code", [

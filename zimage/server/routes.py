@@ -73,6 +73,11 @@ def build_public_router() -> APIRouter:
     async def page():
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
+    @router.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        """Browsers ask for it whatever the page says; the page links /static/favicon.svg."""
+        return Response(status_code=204)
+
     return router
 
 

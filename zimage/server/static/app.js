@@ -176,6 +176,7 @@ async function loadRecent() {
   $("gallery").replaceChildren();
   try {
     const list = await api("GET", "/v1/jobs?limit=20");
+    $("form-error").textContent = "";  // the key works now: an earlier "API key is not valid" is stale
     for (const job of list.data.reverse()) {
       if (job.status === "succeeded") await showJob(job);
       else if ((job.status === "queued" || job.status === "running") && !document.querySelector(`[data-job="${job.id}"]`)) track(job);
