@@ -46,7 +46,7 @@ def test_signed_url_opens_its_image_without_the_key(make_client):
     assert c.get(f"/v1/images/{name}", headers=GOOD).status_code == 200
 
 
-def test_forged_expired_and_other_name_signatures_are_403(make_client):
+def test_forged_expired_and_other_name_signatures_are_401(make_client):
     c = make_client(api_key=KEY)
     a, b = generate_url(c), generate_url(c, prompt="another")
     name_a, exp_a, sig_a = split(a)
@@ -63,13 +63,13 @@ def test_forged_expired_and_other_name_signatures_are_403(make_client):
     for what, (url, code) in cases.items():
         for headers in ({}, GOOD):  # a bad signature is refused even alongside a good key: it is never ignored
             r = c.get(url, headers=headers)
-            assert r.status_code == 403, (what, r.text)
+            assert r.status_code == 401, (what, r.text)
             err = r.json()["error"]
-            assert err["code"] == code and err["type"] == "permission_error", what
+            assert err["code"] == code and err["type"] == "authentication_error", what
     assert name_b != name_a and sig_b != sig_a
 
 
-def test_expired_signature_is_403(make_client, monkeypatch):
+def test_expired_signature_is_401(make_client, monkeypatch):
     import zimage.server.signing as signing
 
     c = make_client(api_key=KEY, url_ttl_s=60)
@@ -78,7 +78,7 @@ def test_expired_signature_is_403(make_client, monkeypatch):
     real = time.time
     monkeypatch.setattr(signing.time, "time", lambda: real() + 61)
     r = c.get(url)
-    assert r.status_code == 403 and r.json()["error"]["code"] == "url_expired"
+    assert r.status_code == 401 and r.json()["error"]["code"] == "url_expired"
 
 
 def test_secret_persisted_0600_and_shared_by_restarts(make_client, tmp_path):
@@ -89,7 +89,7 @@ def test_secret_persisted_0600_and_shared_by_restarts(make_client, tmp_path):
     again = make_client(api_key=KEY)  # a second app on the same data dir: a restart
     assert again.get(url).status_code == 200
     other = make_client(api_key=KEY, url_secret="x" * 40)  # an explicit secret replaces the file's
-    assert other.get(url).status_code == 403
+    assert other.get(url).status_code == 401
 
 
 def test_ttl_zero_and_no_key_give_unsigned_urls(make_client):

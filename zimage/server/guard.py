@@ -25,7 +25,7 @@ def is_public(path: str) -> bool:
 class RequestGuard:
     def __init__(self, app, api_key: str | None, max_body_bytes: int, signer=None):
         """`signer` (signing.UrlSigner): a GET of an image URL that carries a signature is let through without
-        the key when the signature opens it, and refused (403) when it does not."""
+        the key when the signature opens it, and refused (401) when it does not."""
         self.app = app
         self.expected = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes

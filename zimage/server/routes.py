@@ -47,7 +47,7 @@ KEEPALIVE_S = 15.0  # SSE comment line so that proxies keep an idle stream open
 STREAM_POLL_S = 1.0  # how often an idle stream checks that jobs can still run
 def _errors(*codes: int) -> dict:
     """OpenAPI responses with the error body, for the statuses a route can answer (beyond 401, on every one)."""
-    words = {400: "A bad value (`param` names it).", 403: "The URL's signature is not valid, or has expired.",
+    words = {400: "A bad value (`param` names it).",
              404: "No such job or image.", 409: "The job was cancelled, or already finished.",
              429: "The queue is full (see Retry-After).", 500: "The generation failed.",
              503: "No job can run: the model failed to load, or the job worker stopped (the message says which)."}
@@ -180,7 +180,7 @@ def build_router() -> APIRouter:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @router.get("/v1/images/{name:image_name}", tags=["jobs"], response_class=FileResponse,
-                responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, **_errors(403, 404)})
+                responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, **_errors(404)})
     async def image_file(name: str, request: Request,
                          expires: str | None = Query(None, description="Of a signed URL: its expiry (Unix s)."),
                          sig: str | None = Query(None, description="Of a signed URL: its signature. A signed URL "

@@ -36,16 +36,17 @@ class UrlSigner:
         return f"expires={expires}&sig={self._sig(name, expires)}"
 
     def check(self, name: str, expires: str | None, sig: str | None, now: float | None = None) -> ApiError | None:
-        """None if (expires, sig) open `name` now, else the 403 to answer."""
+        """None if (expires, sig) open `name` now, else the 401 to answer: a signature is a credential, and a
+        bad one is answered as a bad key is (whether or not a key came with it: it is never ignored)."""
         if expires is None or sig is None:
-            return ApiError(403, "a signed image URL needs both 'expires' and 'sig'", "invalid_signature", "sig")
+            return _refused("a signed image URL needs both 'expires' and 'sig'", "invalid_signature", "sig")
         if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
-            return ApiError(403, f"expires must be a Unix time in seconds, got {expires[:40]!r}", "invalid_signature",
+            return _refused(f"expires must be a Unix time in seconds, got {expires[:40]!r}", "invalid_signature",
                             "expires")
         if not hmac.compare_digest(sig.encode(), self._sig(name, int(expires)).encode()):
-            return ApiError(403, "the URL's signature is not valid for this image", "invalid_signature", "sig")
+            return _refused("the URL's signature is not valid for this image", "invalid_signature", "sig")
         if int(expires) < (now if now is not None else time.time()):
-            return ApiError(403, "this image URL has expired; fetch the job again for a fresh one", "url_expired",
+            return _refused("this image URL has expired; fetch the job again for a fresh one", "url_expired",
                             "expires")
         return None
 
@@ -61,6 +62,10 @@ class UrlSigner:
             return None
         error = self.check(scope["path"][len(IMAGES_PREFIX):], query.get("expires"), query.get("sig"))
         return True if error is None else error
+
+
+def _refused(message: str, code: str, param: str) -> ApiError:
+    return ApiError(401, message, code, param, headers={"WWW-Authenticate": "Bearer"})
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
