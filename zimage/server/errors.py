@@ -66,8 +66,8 @@ def install_error_handlers(app) -> None:
         if param:
             message = f"{param}: {message}"
         code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
-        if first.get("type") == "json_invalid":
-            code, message = "invalid_json", "the request body is not valid JSON"
+        if first.get("type") == "json_invalid":  # its loc is a position in the text, not a parameter
+            code, message, param = "invalid_json", "the request body is not valid JSON", None
         return reply(400, message, code, param)
 
     @app.exception_handler(StarletteHTTPException)
