@@ -159,7 +159,8 @@ def test_page_is_served(client):
     ({"prompt": "x", "size": "250x256"}, "size", "invalid_value"),
     ({"prompt": "x", "size": "4096x4096"}, "size", "invalid_value"),
     ({"prompt": "x", "size": "big"}, "size", "invalid_value"),
-    ({"prompt": "x", "size": "\u00b2\u2075\u2076x256"}, "size", "invalid_value"),  # superscript digits: isdigit() but not int()
+    # superscript digits: isdigit() says yes, int() says no
+    ({"prompt": "x", "size": "\u00b2\u2075\u2076x256"}, "size", "invalid_value"),
     ({"prompt": "x", "size": "\u0662\u0665\u0666x256"}, "size", "invalid_value"),  # Arabic-Indic digits
     ({"prompt": "x", "size": "2" * 5000 + "x256"}, "size", "invalid_value"),  # int() refuses > 4300 digits
     ({"prompt": "x", "size": "256x256 "}, "size", "invalid_value"),
