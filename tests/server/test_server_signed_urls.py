@@ -5,7 +5,6 @@ import re
 import stat
 import time
 
-import pytest
 
 KEY = "signed-url-test-key"
 GOOD = {"Authorization": f"Bearer {KEY}"}
