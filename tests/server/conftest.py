@@ -110,3 +110,20 @@ def gated(engine):
     g = GatedEngine(engine)
     yield g
     g.gate.set()
+
+
+@pytest.fixture
+def make_live(tmp_path, engine):
+    """make_live(engine=..., **settings) -> a started uvicorn server in a thread (real sockets), stopped after."""
+    from zimage.server.launch import start_in_thread
+
+    started = []
+
+    def make(engine_=None, ready=True, **overrides):
+        server = start_in_thread(settings_for(tmp_path, **overrides), engine=engine_ or engine, ready=ready)
+        started.append(server)
+        return server
+
+    yield make
+    for s in reversed(started):
+        s.stop()

@@ -32,20 +32,8 @@ def test_health_is_503_while_loading_then_200(make_client, engine, wait_status):
     release.set()
     assert wait_status(c, job["id"])["status"] == "succeeded"
     r = c.get("/health")
-    assert r.status_code == 200 and r.json()["engine"]["model"] == "tiny-random"
-
-
-def test_health_reports_a_failed_load(make_client):
-    def broken():
-        raise RuntimeError("no weights here")
-
-    c = make_client(ready=False, loader=broken)
-    for _ in range(200):
-        r = c.get("/health")
-        if r.json()["status"] == "failed":
-            break
-        threading.Event().wait(0.01)
-    assert r.status_code == 503 and "no weights here" in r.json()["detail"]
+    assert r.status_code == 200 and r.json() == {"status": "ok", "detail": None, "queue": 0, "running": 0}
+    assert c.get("/v1/status").json()["engine"]["model"] == "tiny-random"
 
 
 def test_generations_b64_png_with_metadata(client):
@@ -69,7 +57,7 @@ def test_generations_url_and_other_formats(client, fmt, pil):
                                                              output_compression=20))
     assert r.status_code == 200, r.text
     url = r.json()["data"][0]["url"]
-    assert url.startswith("http://testserver/v1/images/job_") and url.endswith("." + fmt)
+    assert url.startswith("/v1/images/job_") and url.endswith("." + fmt)  # relative: no key, so no signature
     img = client.get(url)
     assert img.status_code == 200 and img.headers["content-type"] == f"image/{fmt}"
     assert Image.open(io.BytesIO(img.content)).format == pil
@@ -158,6 +146,9 @@ def test_page_is_served(client):
     r = client.get("/")
     assert r.status_code == 200 and "<form" in r.text and "/static/app.js" in r.text
     assert client.get("/static/app.js").status_code == 200
+    assert client.get("/favicon.ico").status_code == 204  # asked for by every browser: not a 404 in the logs
+    assert '<link rel="icon" href="/static/favicon.svg"' in r.text
+    assert client.get("/static/favicon.svg").headers["content-type"].startswith("image/svg+xml")
 
 
 @pytest.mark.parametrize("body,param,code", [
@@ -168,6 +159,12 @@ def test_page_is_served(client):
     ({"prompt": "x", "size": "250x256"}, "size", "invalid_value"),
     ({"prompt": "x", "size": "4096x4096"}, "size", "invalid_value"),
     ({"prompt": "x", "size": "big"}, "size", "invalid_value"),
+    # superscript digits: isdigit() says yes, int() says no
+    ({"prompt": "x", "size": "\u00b2\u2075\u2076x256"}, "size", "invalid_value"),
+    ({"prompt": "x", "size": "\u0662\u0665\u0666x256"}, "size", "invalid_value"),  # Arabic-Indic digits
+    ({"prompt": "x", "size": "2" * 5000 + "x256"}, "size", "invalid_value"),  # int() refuses > 4300 digits
+    ({"prompt": "x", "size": "256x256 "}, "size", "invalid_value"),
+    ({"prompt": "x", "size": "100x100"}, "size", "invalid_value"),
     ({"prompt": "x", "n": 0}, "n", "invalid_value"),
     ({"prompt": "x", "n": 17}, "n", "invalid_value"),
     ({"prompt": "x", "num_inference_steps": 101}, "num_inference_steps", "invalid_value"),
@@ -184,6 +181,13 @@ def test_bad_requests_are_400_with_error_body(client, body, param, code):
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["code"] == code
     assert "Traceback" not in r.text
+
+
+def test_size_below_the_minimum_names_the_range_not_out_of_range_neighbours(client):
+    err = client.post("/v1/images/generations", json={"prompt": "x", "size": "100x256"}).json()["error"]
+    assert err["message"] == "size: width must be between 256 and 2048, got 100" and err["param"] == "size"
+    err = client.post("/v1/images/generations", json={"prompt": "x", "size": "260x256"}).json()["error"]
+    assert "nearest: 256 or 272" in err["message"]  # in range: the nearest multiples are useful
 
 
 def test_other_errors(client):
@@ -209,3 +213,14 @@ def test_engine_failure_is_a_failed_job_not_a_traceback(make_client, gated):
     assert r.json()["error"]["code"] == "runtime_error" and "Traceback" not in r.text
     assert "simulated" not in r.text  # unexpected errors are logged, not shown
     assert 'zimage_errors_total{kind="runtime_error"} 1.0' in c.get("/metrics").text
+
+
+def test_negative_prompt_without_guidance_is_noted_not_silently_dropped(client, wait_status):
+    body = job_body(negative_prompt="blurry")
+    r = client.post("/v1/images/generations", json=body).json()
+    assert len(r["warnings"]) == 1 and "negative_prompt is ignored" in r["warnings"][0]
+    job = wait_status(client, client.post("/v1/jobs", json=body).json()["id"])
+    assert job["warnings"] == r["warnings"]
+    used = client.post("/v1/images/generations", json={**body, "guidance_scale": 2.0}).json()
+    assert "warnings" not in used  # with guidance the negative prompt is used: nothing to say
+    assert "warnings" not in client.post("/v1/images/generations", json=job_body()).json()

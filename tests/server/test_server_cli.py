@@ -30,15 +30,41 @@ def test_flags_and_env_key(tmp_path):
                  "--cors-origin", "https://a.example", "--cors-origin", "https://b.example", "--no-previews")
     s = serve.settings_from_args(args, environ={"ZIMAGE_API_KEY": "from-env"})
     assert (s.host, s.port, s.data_dir, s.max_queue, s.max_batch) == ("0.0.0.0", 9000, Path(tmp_path), 5, 2)
-    assert s.warmup_size is None and s.default_size == (512, 768) and s.model == "tiny-random"
+    assert s.warmup_size is None and s.default_size == (512, 768) and s.engine.model == "tiny-random"
     assert s.api_key == "from-env" and s.cors_origins == ("https://a.example", "https://b.example")
     assert not s.previews
+    assert s.url_ttl_s == 3600 and s.url_secret is None
+    s = serve.settings_from_args(parse("--url-ttl", "60"), environ={"ZIMAGE_URL_SECRET": "e" * 32})
+    assert s.url_ttl_s == 60 and s.url_secret == "e" * 32
     assert serve.settings_from_args(parse("--api-key", "flag"), environ={"ZIMAGE_API_KEY": "env"}).api_key == "flag"
 
 
 @pytest.mark.parametrize("argv,param", [(("--default-size", "100x100"), "default-size"),
-                                        (("--max-batch", "0"), "max-batch"), (("--port", "70000"), "port")])
+                                        (("--max-batch", "0"), "max-batch"), (("--port", "70000"), "port"),
+                                        (("--url-ttl", "-1"), "url-ttl"), (("--url-secret", "short"), "url-secret")])
 def test_bad_flags_are_usage_errors(argv, param):
     with pytest.raises(UsageError) as e:
         serve.settings_from_args(parse(*argv), environ={})
     assert e.value.param == param
+    assert "nearest" not in str(e.value)  # 100x100 is out of range: no "nearest: 96 or 112" (both out of range)
+
+
+def test_engine_flags_become_one_engine_config_the_loader_uses(monkeypatch, tmp_path):
+    """`serve` maps the model flags through the same function as `generate` (cli.common.engine_config) into one
+    EngineConfig held by the settings, and the server's default loader loads exactly that config."""
+    from zimage.cli.common import engine_config
+    from zimage.engine.config import EngineConfig
+    from zimage.engine.engine import Engine
+    from zimage.server.app import default_loader
+
+    args = parse("--model", "tiny-random", "--device", "cpu", "--dtype", "fp32", "--speed", "eager",
+                 "--vram-budget", "6.5", "--fp8", "--converted-cache")
+    s = serve.settings_from_args(args, environ={})
+    assert isinstance(s.engine, EngineConfig)
+    assert s.engine == engine_config(args, show_progress=False)
+    assert (s.engine.model, s.engine.device, s.engine.dtype, s.engine.speed, s.engine.vram_budget_gib,
+            s.engine.fp8, s.engine.converted_cache) == ("tiny-random", "cpu", "fp32", "eager", 6.5, True, True)
+    assert s.engine.expected_images is None and not s.engine.show_progress  # a server makes many images, no bars
+    loaded = []
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, config: loaded.append(config) or "engine"))
+    assert default_loader(s)() == "engine" and loaded == [s.engine]

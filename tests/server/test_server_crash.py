@@ -75,7 +75,7 @@ def test_kill_9_mid_run_then_restart_finishes_every_job_once(tmp_path):
             for i in ids:
                 assert after[i]["status"] == "succeeded", after[i]
                 assert len(after[i]["images"]) == 1
-                assert httpx.get(after[i]["images"][0]["url"]).status_code == 200
+                assert httpx.get(url + after[i]["images"][0]["url"]).status_code == 200
             for i in done:  # finished before the crash: untouched
                 assert after[i]["finished"] == before[i]["finished"] and after[i]["attempts"] == 1
             assert after[running[0]]["attempts"] == 2  # interrupted, then run again

@@ -38,7 +38,11 @@ def test_openai_client(live):
     assert im.size == (256, 256) and '"seed": 11' in im.text["zimage"]
     r = client.images.generate(prompt="a tiny robot", size="256x256", response_format="url", output_format="webp",
                                extra_body={"num_inference_steps": 1})
-    assert r.data[0].url.startswith(live.url + "/v1/images/") and r.data[0].url.endswith(".webp")
+    url = r.data[0].url
+    assert url.startswith("/v1/images/job_") and ".webp?expires=" in url  # relative and signed (the server has a key)
+    import httpx
+
+    assert httpx.get(live.url + url).headers["content-type"] == "image/webp"  # a signed URL needs no key
     assert [m.id for m in client.models.list()] == ["tiny-random"]
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="x", size="255x256")
@@ -73,9 +77,22 @@ def test_web_page_generates_an_image(live):
         try:
             page = browser.new_page()
             page.goto(live.url + "/")
+            page.fill("#api-key", "wrong")
+            page.dispatch_event("#api-key", "change")
+            expect(page.locator("#form-error")).to_contain_text("API key is not valid", timeout=15_000)
             page.fill("#api-key", KEY)
             page.dispatch_event("#api-key", "change")
+            expect(page.locator("#form-error")).to_have_text("", timeout=15_000)  # the stale error is cleared
             expect(page.locator("#status")).to_contain_text("ready", timeout=15_000)
+            expect(page.locator("#status")).to_contain_text("tiny-random")  # from /v1/status, with the key
+            # a running job shows as running (it showed "queue 0"): one held long enough to be seen
+            import httpx
+
+            slow = httpx.post(live.url + "/v1/jobs", headers={"Authorization": f"Bearer {KEY}"},
+                              json={"prompt": "slow", "size": "1024x1024", "num_inference_steps": 100}).json()
+            expect(page.locator("#status")).to_contain_text("1 running", timeout=15_000)
+            httpx.delete(live.url + f"/v1/jobs/{slow['id']}", headers={"Authorization": f"Bearer {KEY}"})
+            page.reload()
             page.fill("#prompt", "a lighthouse at dusk")
             page.fill("#width", "256")
             page.fill("#height", "256")

@@ -27,7 +27,14 @@ def register(subparsers) -> None:
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN to call the API (repeatable; default: CORS off)")
     g.add_argument("--public-url", default=None,
-                   help="base of image URLs in responses when behind a proxy (default: from each request)")
+                   help="base of image URLs in responses, e.g. https://img.example.com (default: relative URLs, "
+                        "/v1/images/...)")
+    g.add_argument("--url-ttl", type=int, default=3600, metavar="SECONDS",
+                   help="with an API key, image URLs are signed and open without the key for this long; 0: "
+                        "unsigned URLs, which need the key (default: %(default)s)")
+    g.add_argument("--url-secret", default=None,
+                   help="the HMAC key of signed image URLs (default: $ZIMAGE_URL_SECRET, else a random one kept in "
+                        "DATA_DIR/url-secret, mode 0600, so URLs stay valid across restarts)")
     g = p.add_argument_group("jobs")
     g.add_argument("--data-dir", type=Path, default=None,
                    help="where jobs.db and images/ live (default: $ZIMAGE_DATA_DIR, else ~/.local/share/zimage)")
@@ -47,14 +54,15 @@ def register(subparsers) -> None:
 
 def settings_from_args(args, environ=os.environ):
     """argparse namespace -> ServerSettings (validated: a bad value is a UsageError naming the flag)."""
-    from zimage.server.settings import API_KEY_ENV, ServerSettings, default_data_dir
-    from zimage.sizes import parse_size
+    from zimage.cli.common import engine_config
+    from zimage.server.settings import API_KEY_ENV, URL_SECRET_ENV, ServerSettings, default_data_dir
+    from zimage.server.size_text import parse_size_text
 
     def size(flag, text):
         try:
-            return parse_size(text)
+            return parse_size_text(text, param=f"--{flag}")
         except UsageError as e:
-            raise UsageError(f"--{flag}: {e}", param=flag) from None
+            raise UsageError(str(e), param=flag) from None
 
     for flag, value, low in (("port", args.port, 0), ("max-queue", args.max_queue, 1),
                              ("max-batch", args.max_batch, 1)):
@@ -62,15 +70,21 @@ def settings_from_args(args, environ=os.environ):
             raise UsageError(f"--{flag} must be between {low} and 65535, got {value}", param=flag)
     if args.batch_wait < 0:
         raise UsageError("--batch-wait must be >= 0", param="batch-wait")
+    if args.url_ttl < 0:
+        raise UsageError(f"--url-ttl must be >= 0 seconds, got {args.url_ttl}", param="url-ttl")
+    url_secret = args.url_secret or environ.get(URL_SECRET_ENV) or None
+    if url_secret is not None and len(url_secret) < 32:
+        raise UsageError("--url-secret must be at least 32 characters (a guessable secret lets anyone sign URLs)",
+                         param="url-secret")
     return ServerSettings(
         host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(),
         api_key=args.api_key or environ.get(API_KEY_ENV) or None,
-        model=args.model, device=args.device, dtype=args.dtype, speed=args.speed,
-        vram_budget_gib=args.vram_budget, fp8=args.fp8, converted_cache=args.converted_cache,
+        engine=engine_config(args, show_progress=False),  # expected_images None: a server makes many
         max_queue=args.max_queue, max_batch=args.max_batch,
         batch_wait_s=args.batch_wait, default_size=size("default-size", args.default_size),
         warmup_size=None if args.warmup_size.lower() == "none" else size("warmup-size", args.warmup_size),
-        cors_origins=tuple(args.cors_origin), public_url=args.public_url, previews=not args.no_previews,
+        cors_origins=tuple(args.cors_origin), public_url=args.public_url, url_ttl_s=args.url_ttl,
+        url_secret=url_secret, previews=not args.no_previews,
         log_level=args.log_level,
     )
 

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from zimage.server.errors import ApiError, error_body, install_error_handlers
+from zimage.server.errors import ApiError, install_error_handlers
 from zimage.server.settings import ServerSettings
 
 log = logging.getLogger("zimage.server")
@@ -29,16 +29,14 @@ class ServerState:
     hub: object  # events.EventHub
     metrics: object  # metrics.Metrics
     worker: object  # worker.Worker
+    signer: object = None  # signing.UrlSigner when image URLs are signed (an API key and url_ttl_s > 0)
 
 
 def default_loader(settings: ServerSettings):
     def load():
-        from zimage.engine.config import EngineConfig
         from zimage.engine.engine import Engine
 
-        return Engine.load(EngineConfig(model=settings.model, device=settings.device, dtype=settings.dtype,
-                                        speed=settings.speed, vram_budget_gib=settings.vram_budget_gib,
-                                        fp8=settings.fp8, converted_cache=settings.converted_cache))
+        return Engine.load(settings.engine)
 
     return load
 
@@ -47,8 +45,11 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
     """`engine`: an already loaded Engine (tests share one); else `engine_loader()` or the settings' model."""
     from fastapi import FastAPI
     from fastapi.staticfiles import StaticFiles
+    from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
-    from zimage.server.auth import make_key_check
+    from zimage.server.auth import bearer_scheme
+    from zimage.server.guard import RequestGuard
+    from zimage.server.openapi import install_openapi
     from zimage.server.events import EventHub
     from zimage.server.jobs import JobStore
     from zimage.server.metrics import Metrics
@@ -58,6 +59,7 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
 
     settings = settings or ServerSettings()
     loader = (lambda: engine) if engine is not None else (engine_loader or default_loader(settings))
+    signer = make_signer(settings)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -65,7 +67,7 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
         hub = EventHub()
         hub.bind(asyncio.get_running_loop())
         metrics = Metrics(lambda: state.worker.engine)
-        state = ServerState(settings, store, hub, metrics, Worker(store, hub, metrics, settings, loader))
+        state = ServerState(settings, store, hub, metrics, Worker(store, hub, metrics, settings, loader), signer)
         app.state.zimage = state
         state.worker.start()
         try:
@@ -80,25 +82,46 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
                     "Errors are `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
     )
     install_error_handlers(app)
+    install_openapi(app)
 
-    app.add_middleware(LimitsAndMetrics)
-
+    # Middleware added last runs first: metrics see every answer; CORS answers preflights (which carry no key)
+    # and labels refusals; the guard refuses a missing key or a declared oversized body before any route or body
+    # read; starlette's body limit counts the bytes of a body as they arrive (chunked too) and raises 413 at the
+    # first byte over, which the routes answer as JSON. (FastAPI's own max_body_size sits outside every user
+    # middleware and would replace the guard's JSON 413 by plain text.)
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=MAX_BODY_BYTES, signer=signer)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-API-Key"])
+    app.add_middleware(HttpMetrics)
 
-    app.include_router(build_public_router())
-    app.include_router(build_router(), dependencies=[_depends(make_key_check(settings.api_key))])
+    public, api = build_public_router(), build_router()
+    app.include_router(public)
+    app.include_router(api, dependencies=[_depends(bearer_scheme())])
+    # Every route with its methods, for the Allow header of a 405 (errors.allowed_methods): the routers' own
+    # lists, since FastAPI keeps included routers as opaque entries in app.routes.
+    app.state.method_routes = [r for r in (*app.routes, *public.routes, *api.routes) if getattr(r, "methods", None)]
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 
-class LimitsAndMetrics:
-    """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the routes): rejects bodies
-    over MAX_BODY_BYTES by their Content-Length (413) and times each request into the metrics."""
+def make_signer(settings: ServerSettings):
+    """Image URLs are signed only where they need to be: with an API key (without one they are open anyway)."""
+    if not settings.api_key or settings.url_ttl_s <= 0:
+        return None
+    from zimage.server.signing import UrlSigner, load_or_create_secret
+
+    secret = settings.url_secret.encode() if settings.url_secret else load_or_create_secret(settings.data_dir)
+    return UrlSigner(secret, settings.url_ttl_s)
+
+
+class HttpMetrics:
+    """Times each request into the metrics. Pure ASGI (BaseHTTPMiddleware would hide client disconnects from the
+    routes)."""
 
     def __init__(self, app):
         self.app = app
@@ -106,13 +129,6 @@ class LimitsAndMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from fastapi.responses import JSONResponse
-
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            response = JSONResponse(error_body(413, f"request body over {MAX_BODY_BYTES} bytes", "body_too_large"),
-                                    413)
-            return await response(scope, receive, send)
         t0 = time.perf_counter()
         status = [500]
 

@@ -12,6 +12,7 @@ log = logging.getLogger("zimage.server")
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     409: "conflict_error",
@@ -28,6 +29,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.status, self.message, self.code, self.param)
 
 
 def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict:
@@ -57,26 +61,60 @@ def install_error_handlers(app) -> None:
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
         message = first.get("msg", "invalid request")
+        if "input" in first and first.get("type") not in ("missing", "json_invalid", "extra_forbidden"):
+            message = f"{message}, got {_shown(first['input'])}"
         if param:
             message = f"{param}: {message}"
         code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
-        if first.get("type") == "json_invalid":
-            code, message = "invalid_json", "the request body is not valid JSON"
+        if first.get("type") == "json_invalid":  # its loc is a position in the text, not a parameter
+            code, message, param = "invalid_json", "the request body is not valid JSON", None
         return reply(400, message, code, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        if exc.status_code == 405:  # starlette's Allow names the methods of one route; a path may have several
+            allowed = allowed_methods(request)
+            return reply(405, f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}",
+                         "method_not_allowed", None, {"Allow": allowed})
+        codes = {404: "not_found", 413: "body_too_large"}
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
-        return reply(exc.status_code, message, codes.get(exc.status_code, "http_error"), None,
-                     getattr(exc, "headers", None))
+        elif exc.status_code == 413:  # FastAPI's body limit, counting a body that did not declare its size
+            from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
+
+            message = f"the request body is over the limit of {request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)} bytes"
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 413:
+            headers["Connection"] = "close"  # the rest of the body is not read: stop the upload (see guard.py)
+        return reply(exc.status_code, message, codes.get(exc.status_code, "http_error"), None, headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return reply(500, "internal server error (details are in the server log)", "internal_error")
+
+
+def allowed_methods(request) -> str:
+    """Every method of every route whose path matches this request's path (HEAD included with GET)."""
+    from starlette.routing import Match
+
+    methods = set()
+    for route in request.app.state.method_routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(route.methods)
+    return ", ".join(sorted(methods))
+
+
+def _shown(value) -> str:
+    """A JSON value as the client wrote it, cut short."""
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # GenerateRequest names fields as the engine does; the HTTP API names them as OpenAI and open servers do.

@@ -7,10 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from zimage.errors import UsageError
 from zimage.request import (
     MAX_GUIDANCE, MAX_IMAGES_PER_PROMPT, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, GenerateRequest,
 )
-from zimage.sizes import parse_size
+from zimage.server.size_text import SIZE_PATTERN, parse_size_text
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -18,14 +19,18 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 class JobCreate(BaseModel):
     """What to generate. Field names follow OpenAI's images API plus the extensions open servers use."""
 
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+    # A misspelt field is an error, not silently ignored; and types are strict: `n: true`, `n: "1"`,
+    # `num_inference_steps: 55.0` are refused, not coerced (an integer is still accepted where a number is asked).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="What the image shows.")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
                                  description="What to avoid; used only when guidance_scale > 0.")
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT, description="Number of images (seeds seed, seed+1, ...).")
     size: str = Field("auto", description="WIDTHxHEIGHT in pixels, each a multiple of 16 in 256..2048, "
-                                          "or 'auto' for the server's default size.", examples=["1024x1024"])
+                                          "or 'auto' for the server's default size.", examples=["1024x1024"],
+                      # documented, checked in to_engine (parse_size_text), whose message names the rule broken
+                      json_schema_extra={"pattern": f"^auto$|{SIZE_PATTERN}"})
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; omitted: random "
                                                                   "(the seed used is reported).")
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
@@ -39,7 +44,7 @@ class JobCreate(BaseModel):
 
     def to_engine(self, default_size: tuple[int, int], default_steps: int) -> GenerateRequest:
         """The validated engine request; raises zimage.errors.UsageError (-> 400) naming the field."""
-        width, height = default_size if self.size == "auto" else parse_size(self.size)
+        width, height = default_size if self.size == "auto" else parse_size_text(self.size)
         return GenerateRequest(
             prompts=(self.prompt,), negative_prompt=self.negative_prompt, width=width, height=height,
             steps=self.num_inference_steps or default_steps, guidance=self.guidance_scale, seed=self.seed, n=self.n,
@@ -52,6 +57,30 @@ class ImageGenerationRequest(JobCreate):
     model: str | None = Field(None, description="Accepted for compatibility; this server serves one model.")
     response_format: Literal["b64_json", "url"] = Field("b64_json", description="Images inline, or as URLs.")
     user: str | None = Field(None, max_length=256, description="Accepted for compatibility; logged only.")
+    # OpenAI's parameters for its gpt-image models, which the official client passes on when given.
+    stream: bool | None = Field(None, description="Send OpenAI's image streaming events (server-sent events): "
+                                                  "partial images, then one image_generation.completed per image.")
+    partial_images: int | None = Field(None, ge=0, le=3, description="With stream: at most this many step previews "
+                                       "(small JPEGs of the latents) as image_generation.partial_image events.")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="auto and opaque are accepted; transparent is refused (the model makes opaque images).")
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = Field(
+        None, description="Accepted and ignored: quality follows num_inference_steps (echoed in stream events).")
+    style: Literal["vivid", "natural"] | None = Field(None, description="Accepted and ignored (no style control).")
+    moderation: Literal["auto", "low"] | None = Field(None, description="Accepted and ignored: this server runs "
+                                                                         "no moderation.")
+
+    def check_openai_options(self) -> None:
+        """The combinations that cannot be honoured, as a UsageError (400) naming the field and why."""
+        if self.background == "transparent":
+            raise UsageError("background 'transparent' is not possible: Z-Image makes opaque RGB images (use "
+                             "'auto' or 'opaque')", param="background")
+        if self.stream and self.response_format == "url" and "response_format" in self.model_fields_set:
+            raise UsageError("response_format 'url' cannot be streamed: stream events carry the image as b64_json",
+                             param="response_format")
+        if self.partial_images and not self.stream:
+            raise UsageError("partial_images needs stream: true (partial images are sent only as stream events)",
+                             param="partial_images")
 
 
 class ImageData(BaseModel):
@@ -66,6 +95,17 @@ class ImageGenerationResponse(BaseModel):
     data: list[ImageData]
     output_format: OutputFormat
     size: str = Field(..., description="WIDTHxHEIGHT of the images.")
+    warnings: list[str] | None = Field(None, description="Extension: what of the request had no effect, and why "
+                                                         "(omitted when nothing).")
+
+
+def request_warnings(params: dict) -> list[str]:
+    """What of a stored request has no effect, said rather than silently dropped."""
+    warnings = []
+    if params.get("negative_prompt") and not params.get("guidance"):
+        warnings.append("negative_prompt is ignored: it is used only with classifier-free guidance "
+                        "(guidance_scale > 0), and guidance_scale is 0")
+    return warnings
 
 
 class JobImage(BaseModel):
@@ -116,6 +156,7 @@ class Job(BaseModel):
     params: JobParams
     images: list[JobImage] = []
     error: ErrorInfo | None = None
+    warnings: list[str] = Field([], description="What of the request had no effect, and why.")
 
 
 class JobList(BaseModel):
@@ -128,10 +169,18 @@ class ErrorBody(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "loading", "failed"]
-    detail: str | None = None
-    engine: dict | None = None
-    queue: int = 0
+    status: Literal["ok", "loading", "failed"] = Field(..., description="ok: jobs run; loading (or warming up): "
+                                                       "jobs are accepted and run once ready; failed: no job can run")
+    detail: str | None = Field(None, description="A few words on the state (the cause is in the server log).")
+    queue: int = Field(0, description="Jobs waiting.")
+    running: int = Field(0, description="Jobs in the batch now running.")
+
+
+class ServerStatus(Health):
+    error: str | None = Field(None, description="Why the server failed (exception type and message).")
+    engine: dict | None = Field(None, description="The loaded engine: model, path, device, dtype, memory plan, "
+                                                  "speed.")
+    version: str
 
 
 class ModelCard(BaseModel):

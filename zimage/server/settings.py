@@ -6,9 +6,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zimage.weights.layout import DEFAULT_MODEL_ID
+from zimage.engine.config import EngineConfig
 
 API_KEY_ENV = "ZIMAGE_API_KEY"
+URL_SECRET_ENV = "ZIMAGE_URL_SECRET"
 DATA_DIR_ENV = "ZIMAGE_DATA_DIR"
 
 
@@ -26,14 +27,9 @@ class ServerSettings:
     port: int = 8000
     data_dir: Path = field(default_factory=default_data_dir)  # jobs.db (SQLite, WAL) and images/ live here
     api_key: str | None = None  # None: no key (the CLI also reads $ZIMAGE_API_KEY)
-    # engine (used only when create_app is not handed an engine)
-    model: str = DEFAULT_MODEL_ID
-    device: str = "auto"
-    dtype: str = "auto"
-    speed: str = "auto"
-    vram_budget_gib: float | None = None  # None: free VRAM less a margin (zimage.memory)
-    fp8: bool = False  # lossy fp8 transformer matrices (zimage.engine.config.EngineConfig.fp8)
-    converted_cache: bool = False  # bf16 copy of the weights for faster starts (EngineConfig.converted_cache)
+    # the engine to load (used only when create_app is not handed an engine): the same config `zimage generate`
+    # builds, so a new engine option reaches the server without being copied here field by field
+    engine: EngineConfig = field(default_factory=EngineConfig)
     # scheduling
     max_queue: int = 64  # jobs waiting (not running) before POSTs get 429 + Retry-After
     max_batch: int = 8  # images per engine call; compatible queued jobs are batched up to this
@@ -48,7 +44,9 @@ class ServerSettings:
     warmup_steps: int = 2
     # web
     cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are given
-    public_url: str | None = None  # base of image URLs in responses; None: taken from the request
+    public_url: str | None = None  # base of image URLs in responses; None: relative URLs (never the Host header)
+    url_ttl_s: int = 3600  # with an API key, image URLs are signed and open without the key this long; 0: unsigned
+    url_secret: str | None = None  # HMAC key of signed URLs; None: <data_dir>/url-secret, created on first use
     previews: bool = True  # SSE "preview" events: a small JPEG of the latents every few steps
     log_level: str = "info"
 

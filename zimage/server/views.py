@@ -1,24 +1,30 @@
-"""Stored job record -> the API's Job model (URLs built from the request, or from --public-url)."""
+"""Stored job record -> the API's Job model.
+
+Image URLs are relative (`/v1/images/<name>`), or under --public-url when set: never built from the request's
+Host header, which the client chooses. With an API key they carry a signature (signing.py) that opens them
+without the key until they expire.
+"""
 
 from __future__ import annotations
 
-from zimage.server.schemas import ErrorInfo, Job, JobImage, JobParams, JobProgress
+from zimage.server.schemas import ErrorInfo, Job, JobImage, JobParams, JobProgress, request_warnings
 
 
-def base_url(state, request) -> str:
-    return (state.settings.public_url or str(request.base_url)).rstrip("/")
+def image_url(state, name: str) -> str:
+    url = f"{(state.settings.public_url or '').rstrip('/')}/v1/images/{name}"
+    return f"{url}?{state.signer.query(name)}" if state.signer is not None else url
 
 
-def job_view(state, job, request) -> Job:
-    base = base_url(state, request)
+def job_view(state, job) -> Job:
     position = state.worker.position(job.id) if job.status == "queued" else None
     prog = state.worker.progress(job.id) if job.status == "running" else None
     return Job(
         id=job.id, status=job.status, created=job.created, started=job.started, finished=job.finished,
         attempts=job.attempts, position=position, progress=JobProgress(**prog) if prog else None,
         params=JobParams(**job.params),
-        images=[JobImage(id=i["id"], url=f"{base}/v1/images/{i['id']}", index=i["index"], seed=i["seed"])
+        images=[JobImage(id=i["id"], url=image_url(state, i["id"]), index=i["index"], seed=i["seed"])
                 for i in job.images],
         error=ErrorInfo(type=job.error.get("type", "server_error"), message=job.error["message"],
                         code=job.error.get("code")) if job.error else None,
+        warnings=request_warnings(job.params),
     )

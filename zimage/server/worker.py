@@ -24,6 +24,10 @@ from zimage.server.jobs import JobRecord, JobStore
 log = logging.getLogger("zimage.server")
 
 
+class Unavailable(Exception):
+    """No job can run: the model failed to load or the worker stopped (a 503 naming why)."""
+
+
 class QueueFull(Exception):
     def __init__(self, retry_after: int):
         super().__init__(f"the queue is full; retry in {retry_after} s")
@@ -56,7 +60,9 @@ class Worker:
         self.store, self.hub, self.metrics, self.settings = store, hub, metrics, settings
         self._loader = engine_loader  # () -> Engine; runs on the worker thread
         self.engine = None
-        self.state, self.detail = "loading", "loading the model"  # -> "ok" after warm-up, or "failed"
+        # "loading" -> "ok" after warm-up, or "failed" (the load failed, or the thread died outside a job). `detail`
+        # is a few words for the public /health; `error` the cause, for the log and authenticated callers.
+        self.state, self.detail, self.error = "loading", "loading the model", None
         self._pending: list[_Pending] = []  # queued jobs, oldest first
         self._running: dict[str, _Pending] = {}
         self._progress: dict[str, dict] = {}  # job id -> last progress event (for GET /v1/jobs/{id})
@@ -90,9 +96,25 @@ class Worker:
             self._thread.join(timeout)
         self._finisher.shutdown(wait=True)  # images of finished batches are written before we return
 
+    def health(self) -> tuple[str, str | None]:
+        """(state, detail). A worker thread that is gone is "failed" whatever it last said: /health must never say
+        ok while nothing would run the jobs."""
+        state, detail = self.state, self.detail
+        if state != "failed" and self._thread.ident is not None and not self._thread.is_alive() and not self._stopping:
+            return "failed", "the job worker stopped (see the server log)"
+        return state, detail
+
+    def unavailable(self) -> str | None:
+        """Why no job can run now (the reason of a 503), or None: loading and warming up accept work."""
+        state, detail = self.health()
+        return f"the server cannot run jobs: {detail}" if state == "failed" else None
+
     def submit(self, params: dict, request: GenerateRequest) -> JobRecord:
-        """Persist, then queue. Raises QueueFull when `max_queue` jobs are already waiting."""
+        """Persist, then queue. Raises QueueFull when `max_queue` jobs are already waiting, Unavailable when no
+        job can run (checked under the lock that a failing worker takes, so no job slips in after it failed)."""
         with self._cv:
+            if (reason := self.unavailable()) is not None:
+                raise Unavailable(reason)
             if len(self._pending) >= self.settings.max_queue:
                 raise QueueFull(self.retry_after())
             job = self.store.add(params)  # committed before anyone hears the id
@@ -132,6 +154,9 @@ class Worker:
     def queue_length(self) -> int:
         return len(self._pending)
 
+    def running_count(self) -> int:
+        return len(self._running)
+
     def retry_after(self) -> int:
         batches = len(self._pending) / max(1, self.settings.max_batch) + 1
         return max(1, math.ceil(batches * self._batch_seconds))
@@ -141,17 +166,29 @@ class Worker:
         try:
             self.engine = self._loader()
             self._warm_up()
-        except Exception as e:  # noqa: BLE001 - reported by /health, and logged with its traceback
+        except Exception as e:  # noqa: BLE001 - reported by /health (in words), logged with its traceback
             log.exception("the engine could not be loaded")
-            self.state, self.detail = "failed", f"{type(e).__name__}: {e}"
+            self._failed("the model could not be loaded (see the server log)", e)
             return
         self.state, self.detail = "ok", None
         log.info("ready: %s", self.engine.describe())
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._run(batch)
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._run(batch)
+        except Exception as e:  # noqa: BLE001 - outside any job (e.g. the store failed): the server reports failed
+            # Not restarted: what fails outside a job (the store, the disk) would most likely fail again at once.
+            log.exception("the job worker stopped")
+            self._failed("the job worker stopped after an error (see the server log)", e)
+
+    def _failed(self, detail: str, exc: Exception) -> None:
+        """From now on work is refused (503); jobs already queued stay queued in the store (a restart runs them)
+        and the requests waiting on them are answered 503 (routes._wait, routes._stream)."""
+        with self._cv:
+            self.state, self.detail, self.error = "failed", detail, f"{type(exc).__name__}: {exc}"
+            self._cv.notify_all()
 
     def _warm_up(self) -> None:
         if self.settings.warmup_size is None:

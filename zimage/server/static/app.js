@@ -21,11 +21,20 @@ async function api(method, path, body) {
 }
 
 // ------------------------------------------------------------------ status
+// /health is public and says only the state and the queue; the engine (model, device) is at /v1/status, behind
+// the key, so it is shown once a key (or no key) is accepted.
 async function pollHealth() {
   try {
     const r = await fetch("/health");
     const h = await r.json();
-    $("status").textContent = h.status === "ok" ? `ready · ${h.engine.model} on ${h.engine.device} · queue ${h.queue}` : `${h.status}: ${h.detail || ""}`;
+    let engine = "";
+    const s = await fetch("/v1/status", { headers: headers() });
+    if (s.ok) {
+      const e = (await s.json()).engine;
+      if (e) engine = ` · ${e.model} on ${e.device}`;
+    }
+    const jobs = `${h.running} running, ${h.queue} queued`;
+    $("status").textContent = h.status === "ok" ? `ready${engine} · ${jobs}` : `${h.status}: ${h.detail || ""}`;
   } catch (e) {
     $("status").textContent = "server unreachable";
   }
@@ -167,6 +176,7 @@ async function loadRecent() {
   $("gallery").replaceChildren();
   try {
     const list = await api("GET", "/v1/jobs?limit=20");
+    $("form-error").textContent = "";  // the key works now: an earlier "API key is not valid" is stale
     for (const job of list.data.reverse()) {
       if (job.status === "succeeded") await showJob(job);
       else if ((job.status === "queued" || job.status === "running") && !document.querySelector(`[data-job="${job.id}"]`)) track(job);
