@@ -100,3 +100,15 @@ def test_spread():
     assert len(set(picks)) == 7 and all(0 <= i < 30 for i in picks)
     with pytest.raises(ValueError):
         spread(31, 30)
+
+
+def test_batch_limit_is_the_largest_batch_the_placement_fits(published_sizes):
+    from zimage.memory.planner import choose_plan, fits, largest_batch, same_placement
+
+    plan = choose_plan(24 * 2**30, published_sizes)  # a 24 GiB card at 1024x1024
+    n = largest_batch(plan, published_sizes, 1024, 1024, 16)
+    assert 1 <= n < 16
+    assert fits(same_placement(plan, published_sizes, 1024, 1024, n))
+    assert not fits(same_placement(plan, published_sizes, 1024, 1024, n + 1))
+    big = choose_plan(140 * 2**30, published_sizes)
+    assert largest_batch(big, published_sizes, 1024, 1024, 8) == 8

@@ -85,6 +85,15 @@ class Engine:
         budget = self.policy.plan.budget_bytes if self.device.type == "cuda" else None
         return plan_for(self.sizes, budget, PLAN_WIDTH, PLAN_HEIGHT, PLAN_BATCH, self.config.fp8)
 
+    def batch_limit(self, width: int, height: int, cfg: bool = False, limit: int = 64) -> int:
+        """The most images per engine call (up to `limit`) that the current placement fits within its budget at
+        width x height: a server batches up to this, so its first full batch does not run out of memory into a
+        leaner plan (images x 2 rows with CFG; at least 1)."""
+        from zimage.memory.planner import largest_batch
+
+        rows = largest_batch(self.policy.plan, self.sizes, width, height, limit * (2 if cfg else 1))
+        return max(1, rows // 2) if cfg else rows
+
     def set_loras(self, loras) -> bool:
         """Replace the merged LoRA set (LoraSpecs or 'FILE[:STRENGTH]'), exactly (zimage.engine.loras); prompt
         embeddings made with the old text encoder are forgotten. True if the weights changed."""
