@@ -52,6 +52,22 @@ def model_copy(tiny_folder, tmp_path) -> Path:
     return dst
 
 
+@pytest.fixture
+def count_loads(monkeypatch):
+    """Counts Engine.load calls (still loading for real)."""
+    from zimage.engine.engine import Engine
+
+    calls = []
+    real = Engine.load.__func__
+
+    def load(cls, *a, **k):
+        calls.append(a)
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(Engine, "load", classmethod(load))
+    return calls
+
+
 @pytest.fixture(scope="session")
 def engine(tiny_folder):
     """An fp32 CPU engine on the tiny folder, loaded once. Tests must not change its state (cache aside)."""

@@ -43,22 +43,6 @@ def out(tmp_path) -> Path:
     return d
 
 
-@pytest.fixture
-def count_loads(monkeypatch):
-    """Counts Engine.load calls (still loading for real)."""
-    from zimage.engine.engine import Engine
-
-    calls = []
-    real = Engine.load.__func__
-
-    def load(cls, *a, **k):
-        calls.append(a)
-        return real(cls, *a, **k)
-
-    monkeypatch.setattr(Engine, "load", classmethod(load))
-    return calls
-
-
 # ------------------------------------------------------------------------------------------------ good runs
 def test_generate_writes_png_with_both_metadata_chunks(capsys, out):
     target = out / "cat.png"

@@ -270,22 +270,6 @@ def tree(folder: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
 
 
-@pytest.fixture
-def count_loads(monkeypatch):
-    """Counts Engine.load calls (still loading for real)."""
-    from zimage.engine.engine import Engine
-
-    calls = []
-    real = Engine.load.__func__
-
-    def load(cls, *a, **k):
-        calls.append(a)
-        return real(cls, *a, **k)
-
-    monkeypatch.setattr(Engine, "load", classmethod(load))
-    return calls
-
-
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_bad_input(case, tmp_path, capsys, count_loads, tiny_folder):
     def fill(s: str) -> str:

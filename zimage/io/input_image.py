@@ -250,34 +250,28 @@ def _to_8bit(img):
 
 def _to_rgb(img):
     """-> (RGB image, notes): transparency composited on white, other modes converted."""
-    from PIL import Image
-
-    mode, img = img.mode, _to_8bit(img)
-    if _has_alpha(img):
-        rgba = img.convert("RGBA")
-        if rgba.getchannel("A").getextrema()[0] < 255:
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB"), ("transparency composited on white",)
-        return rgba.convert("RGB"), ()
-    if mode != "RGB":
-        return img.convert("RGB"), (f"converted from mode {mode} to RGB",)
-    return img, ()
+    return _flatten(img, "RGB", (255, 255, 255, 255), "transparency composited on white",
+                    "converted from mode {mode} to RGB")
 
 
 def _to_mask(img):
     """-> (L image, notes): transparency composited on black, colour converted to luma."""
+    return _flatten(img, "L", (0, 0, 0, 255), "mask transparency composited on black (transparent = keep)",
+                    "mask converted from mode {mode} to grayscale (L)")
+
+
+def _flatten(img, mode: str, background, composited: str, converted: str):
+    """-> (image in `mode`, notes): 8-bit, any transparency composited on `background` (RGBA), then converted."""
     from PIL import Image
 
-    mode, img = img.mode, _to_8bit(img)
+    source, img = img.mode, _to_8bit(img)
     if _has_alpha(img):
         rgba = img.convert("RGBA")
         if rgba.getchannel("A").getextrema()[0] < 255:
-            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            return (Image.alpha_composite(black, rgba).convert("L"),
-                    ("mask transparency composited on black (transparent = keep)",))
-        return rgba.convert("L"), ()
-    if mode != "L":
-        return img.convert("L"), (f"mask converted from mode {mode} to grayscale (L)",)
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba).convert(mode), (composited,)
+        return rgba.convert(mode), ()
+    if source != mode:
+        return img.convert(mode), (converted.format(mode=source),)
     return img, ()
 
 
