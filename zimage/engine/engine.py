@@ -259,13 +259,15 @@ class Engine:
         return result
 
     def generate_many(self, requests: list[GenerateRequest], on_progress=None, cancels=None) -> list:
-        """Run several requests as one batch (same width, height, steps and guidance). Each image is what it would
-        be alone: its own seed and caption. `cancels[j].is_set()` drops request j at the next step; its result is
+        """Run several requests as one batch (equal `batch_key()`: size, steps, guidance, image-input kind). Each
+        image is what it would be alone: its own seed, caption, LoRA set and picture. `cancels[j].is_set()` drops request j at the next step; its result is
         None. Returns one GenerateResult (or None) per request. A GPU out-of-memory switches to a leaner memory plan
         and retries once (zimage.memory.oom), with a note in each result's warnings."""
         from zimage.memory.oom import run_with_recovery
 
         requests = [r.with_recipe(self.recipe) for r in requests]  # steps and guidance left unset: the model's
+        if any(r.image is not None for r in requests):
+            self.image_encoder()  # loaded and re-planned at the first image input, before the plan is relied on
 
         def run():
             with self.speed_setup.scoped():
@@ -288,9 +290,7 @@ class Engine:
         if cancels is not None:
             alive = lambda: [not (cancels[j] is not None and cancels[j].is_set()) for j in owner]  # noqa: E731
 
-        # What can fail on bad input goes first: LoRA files read and checked, the VAE encoder loaded.
-        lora_slots = self.loras.row_slots(requests, self.config.lora_names_only)
-        encoder = self.image_encoder() if first.image is not None else None  # loaded, planned for at first use
+        lora_slots = self.loras.row_slots(requests, self.config.lora_names_only)  # bad LoRAs fail before any work
         timings = {}
         t0 = time.perf_counter()
         cond, warnings = self.encode(requests)
@@ -299,11 +299,11 @@ class Engine:
         timings["encode"] = self._lap(t0)
         if on_progress:
             on_progress(Progress("encode", 1, 1))
-        if encoder is not None:
+        if first.image is not None:
             from zimage.engine.start import image_start
 
             self.policy.enter("encode_image")
-            start = image_start(encoder, requests, self.scheduler, self.device, self.policy.plan.tiled_decode)
+            start = image_start(self.image_encoder(), requests, self.scheduler, self.device, self.policy.plan.tiled_decode)
             timings["encode_image"] = self._lap(t0) - timings["encode"]
         else:
             from zimage.engine.start import Start
@@ -319,10 +319,10 @@ class Engine:
             on_progress(Progress("decode", 1, 1))
 
         by_image = dict(zip(index, images))
-        results, start = [], 0
-        for j, r in enumerate(requests):
-            rows = range(start, start + r.num_images)
-            start += r.num_images
+        results, offset = [], 0
+        for r in requests:
+            rows = range(offset, offset + r.num_images)
+            offset += r.num_images
             if any(k not in by_image for k in rows):
                 results.append(None)
                 continue
