@@ -232,8 +232,9 @@ class SqlJobs:
         """Delete removable jobs, least recently touched first, until `over_bytes` of images are freed (or
         `limit` jobs were deleted)."""
         def pick(run):
-            rows = run(self._sql(f"SELECT id, bytes FROM jobs WHERE {_REMOVABLE} AND bytes > 0 AND COALESCE(fetched, finished) < "
-                                 f"{{now}} - ? ORDER BY COALESCE(fetched, finished) ASC, seq ASC LIMIT ?"),
+            rows = run(self._sql(f"SELECT id, bytes FROM jobs WHERE {_REMOVABLE} AND bytes > 0 "
+                                 f"AND COALESCE(fetched, finished) < {{now}} - ? "
+                                 f"ORDER BY COALESCE(fetched, finished) ASC, seq ASC LIMIT ?"),
                        (float(grace_s), limit)).fetchall()
             ids, freed = [], 0
             for job_id, nbytes in rows:
