@@ -6,8 +6,9 @@ them for autoscaling and holds back what exceeds `max_ongoing_requests`). `@serv
 wait on one replica into a batch; requests that cannot share an engine call (another size, step count or
 guidance) run one group after another within it. Each call's stream yields, in order:
     ("started", {"pid"})                 its engine call began (a failure before this was not a run)
-    ("progress", {"phase", "step", "total", "latents"})   at step boundaries; latents (n, 3, <=64, <=64) for
-                                         previews, while no request of the engine call was cancelled
+    ("progress", {"phase", "step", "total", "latents"})   at step boundaries (not every one: see on_progress);
+                                         latents (n, 3, <=64, <=64) at quarter steps, for previews, while no
+                                         request of the engine call was cancelled
     ("result", GenerateResult | None)    None: cancelled
 or  ("error", exception)                 the engine raised (the replica logs the traceback)
 A caller that cancels its call (the ingress, for a cancelled job) has its rows dropped at the next step.
@@ -19,6 +20,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ray import serve
@@ -26,6 +28,7 @@ from ray import serve
 log = logging.getLogger("zimage.deploy")
 
 PREVIEW_SIDE = 64  # what zimage.server.images.latent_preview makes of latents anyway
+PROGRESS_EVERY_S = 1.0  # between progress events of an engine call, quarter steps aside
 
 
 @dataclass
@@ -119,9 +122,21 @@ class EngineReplica:
             rows[i] = (start, start + calls[i].request.num_images)
             start += calls[i].request.num_images
 
+        quarter = max(1, calls[members[0]].request.steps // 4)
+        last_sent = [0.0]
+
         def on_progress(prog) -> None:  # engine thread
+            # Each event is a message through Ray to the ingress (~18% of a tiny CPU replica's time when every
+            # step went: bench_ray_scaling.py). Sent: phase changes, the last step, the quarter steps (where the
+            # server takes previews, with the latents), and otherwise at most one every PROGRESS_EVERY_S.
+            now = time.monotonic()
+            key_step = prog.phase != "denoise" or prog.step == prog.total or prog.step % quarter == 0
+            if not key_step and now - last_sent[0] < PROGRESS_EVERY_S:
+                return
+            last_sent[0] = now
             whole = not any(c.cancel.is_set() for c in mine)
-            small = _shrink(prog.latents) if whole and prog.latents is not None else None
+            wanted = whole and prog.latents is not None and prog.step % quarter == 0
+            small = _shrink(prog.latents) if wanted else None
             loop.call_soon_threadsafe(events.put_nowait, ("progress", prog, small))
 
         def run():

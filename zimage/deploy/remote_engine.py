@@ -24,7 +24,7 @@ log = logging.getLogger("zimage.deploy")
 
 RERUNS = 1  # runs repeated after their replica died mid-run
 UNREACHABLE_S = 60.0  # how long a call may find no live replica before its job fails
-CANCEL_POLL_S = 0.1  # how soon a cancelled job's call is cancelled at the replica
+CANCEL_POLL_S = 0.2  # how soon a cancelled job's call is cancelled at the replica
 
 
 class EngineUnavailable(ZImageError):
@@ -135,24 +135,38 @@ class RemoteEngine:
 
 
 class _CancelWatch:
-    """Cancels a call at the replica when its job is cancelled (the stream itself only moves at step boundaries,
-    and not at all while the call waits for a replica)."""
+    """Cancels calls at the replica when their job is cancelled (a stream only moves at step boundaries, and not
+    at all while its call waits for a replica). One thread watches every call in flight."""
+
+    _lock = threading.Lock()
+    _watched: dict[int, tuple] = {}
+    _thread: threading.Thread | None = None
 
     def __init__(self, stream, cancel):
-        self._done = threading.Event()
+        self._key = id(self)
         if cancel is None:
             return
-
-        def watch():
-            while not self._done.wait(CANCEL_POLL_S):
-                if cancel.is_set():
-                    stream.cancel()
-                    return
-
-        threading.Thread(target=watch, name="zimage-cancel-watch", daemon=True).start()
+        cls = type(self)
+        with cls._lock:
+            cls._watched[self._key] = (stream, cancel)
+            if cls._thread is None or not cls._thread.is_alive():
+                cls._thread = threading.Thread(target=cls._main, name="zimage-cancel-watch", daemon=True)
+                cls._thread.start()
 
     def stop(self) -> None:
-        self._done.set()
+        with self._lock:
+            self._watched.pop(self._key, None)
+
+    @classmethod
+    def _main(cls) -> None:
+        while True:
+            time.sleep(CANCEL_POLL_S)
+            with cls._lock:
+                hit = [(k, stream) for k, (stream, cancel) in cls._watched.items() if cancel.is_set()]
+                for k, _ in hit:
+                    del cls._watched[k]
+            for _, stream in hit:
+                stream.cancel()
 
 
 def _progress(data: dict):
