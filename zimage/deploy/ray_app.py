@@ -133,7 +133,12 @@ def parse_args(args: dict, environ=os.environ):
     def size(key, default):
         if key not in a:
             return default
-        return None if a[key].lower() == "none" else parse_size(a[key])
+        if a[key].lower() == "none":
+            return None
+        try:
+            return parse_size(a[key])
+        except UsageError as e:
+            raise UsageError(f"{key}: {e}", param=key) from None
 
     retention = None
     if "retention" in a:

@@ -33,6 +33,10 @@ def open_database(location: str | Path):
     """A Path or plain path: SQLite. `sqlite:///abs/path.db`, `postgresql://...` (or `postgres://`): as named."""
     text = str(location)
     if text.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise ValueError("a postgresql:// database needs psycopg: pip install 'zimage[postgres]'") from None
         from zimage.server.store.postgres import PostgresJobs
 
         return PostgresJobs(text)
