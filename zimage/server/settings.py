@@ -10,6 +10,7 @@ from zimage.weights.layout import DEFAULT_MODEL_ID
 
 API_KEY_ENV = "ZIMAGE_API_KEY"
 DATA_DIR_ENV = "ZIMAGE_DATA_DIR"
+DATABASE_URL_ENV = "ZIMAGE_DATABASE_URL"  # read by the CLI for --database-url, as API_KEY_ENV for --api-key
 
 
 def default_data_dir() -> Path:
