@@ -63,7 +63,7 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
 
     @asynccontextmanager
     async def lifespan(app):
-        store = JobStore(settings.db_path, settings.images_dir)
+        store = JobStore.from_settings(settings)
         hub = EventHub()
         hub.bind(asyncio.get_running_loop())
         metrics = Metrics(lambda: state.worker.engine)

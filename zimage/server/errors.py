@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from zimage.errors import UsageError
+from zimage.server.store.model import StoreUnavailable
 
 log = logging.getLogger("zimage.server")
 
@@ -49,6 +50,13 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         return reply(exc.status, exc.message, exc.code, exc.param, exc.headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(request, exc: StoreUnavailable):
+        # The database is down or restarting: nothing was accepted or changed; the client may retry.
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return reply(503, "the job store is unavailable; retry shortly", "store_unavailable", None,
+                     {"Retry-After": "5"})
 
     @app.exception_handler(UsageError)
     async def _usage_error(request, exc: UsageError):

@@ -1,207 +1,199 @@
-"""JobStore: jobs in SQLite (WAL), images as files under <data_dir>/images. This is what makes "no job lost" true.
+"""JobStore: the jobs (SQLite on one machine, PostgreSQL for a cluster) and their image files (a directory or an
+fsspec URL). This is what makes "no job lost" true; the rules are in zimage/server/store/sql.py.
 
-Rules (each a single conditional UPDATE, so they hold across threads and across a kill -9 at any instant):
-- a job is written (status 'queued') and committed before the client hears its id;
-- queued -> running -> succeeded | failed; queued | running -> cancelled;
-- a job is marked succeeded only `WHERE status = 'running'`, in the same transaction that records its images,
-  so it completes at most once; its files are written (atomically, fixed names) before that commit;
-- on start-up, jobs left 'running' by a crash go back to 'queued' (attempts counts the runs started); terminal
-  jobs are never touched again.
+- A job is written (status 'queued') and committed before the client hears its id.
+- queued -> running -> succeeded | failed; queued | running -> cancelled. Each transition is one conditional UPDATE.
+- A job is marked succeeded only while running and held by the caller, in the transaction that records its
+  images; the files are written (atomically, fixed names) before that commit. So it completes at most once.
+- Single worker (`zimage serve`, the Ray ingress): `start`, and at the next start-up `recover`, which puts back
+  what a crash left running (the drawn seed is stored, so the re-run makes the same images).
+- Several workers on one database: `claim` with a lease, `renew` while running, `expire` to put back the jobs of a
+  worker that stopped renewing.
 File names are chosen here (`<job id>-<index>.<ext>`, ids are random hex): never taken from user input.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
-import re
 import secrets
-import sqlite3
-import tempfile
-import threading
-import time
-from dataclasses import dataclass, field
+import socket
 from pathlib import Path
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-JOB_ID = re.compile(r"^job_[0-9a-f]{24}$")
-IMAGE_NAME = re.compile(r"^(job_[0-9a-f]{24})-([0-9]{1,2})\.(png|jpeg|webp)$")
-EXT = {"png": "png", "jpeg": "jpeg", "webp": "webp"}
+from zimage.server.store.files import ImageFiles
+from zimage.server.store.model import (  # noqa: F401 - the public names of the store
+    EXT, IMAGE_NAME, JOB_ID, TERMINAL, JobRecord, StoreUnavailable, batch_key, new_job_id,
+)
+from zimage.server.store.retention import Retention, RetentionThread, remove_orphans, sweep
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,            -- submission order (the queue order after a restart)
-    status TEXT NOT NULL,
-    params TEXT NOT NULL,            -- JSON: schemas.JobParams (size resolved, seed drawn)
-    created REAL NOT NULL, started REAL, finished REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    images TEXT NOT NULL DEFAULT '[]',  -- JSON list of {"id", "index", "seed"}; set with status 'succeeded'
-    error TEXT                       -- JSON {"message", "type", "code"} when failed
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
-"""
+log = logging.getLogger("zimage.server")
 
 
-@dataclass
-class JobRecord:
-    id: str
-    seq: int
-    status: str
-    params: dict
-    created: float
-    started: float | None = None
-    finished: float | None = None
-    attempts: int = 0
-    images: list = field(default_factory=list)
-    error: dict | None = None
+def open_database(location: str | Path):
+    """A Path or plain path: SQLite. `sqlite:///abs/path.db`, `postgresql://...` (or `postgres://`): as named."""
+    text = str(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise ValueError("a postgresql:// database needs psycopg: pip install 'zimage[postgres]'") from None
+        from zimage.server.store.postgres import PostgresJobs
 
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL
+        return PostgresJobs(text)
+    from zimage.server.store.sqlite import SqliteJobs
 
-
-def new_job_id() -> str:
-    return "job_" + secrets.token_hex(12)
+    if text.startswith("sqlite:///"):
+        return SqliteJobs(Path(text[len("sqlite://"):]))
+    if "://" in text:
+        raise ValueError(f"unknown database URL {text!r}: use postgresql://..., sqlite:///path, or a file path")
+    return SqliteJobs(Path(text))
 
 
 class JobStore:
-    """Thread-safe (one connection, one lock: writes are few and small)."""
+    """Thread-safe. `worker_id` names this process when it runs jobs on the single-worker path (start/recover):
+    succeed, fail and requeue default to it."""
 
-    def __init__(self, db_path: Path, images_dir: Path):
-        self.images_dir = Path(images_dir)
-        self.images_dir.mkdir(parents=True, exist_ok=True)
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed job survives power loss too, not just kill -9
-        self._db.executescript(_SCHEMA)
+    def __init__(self, db: str | Path, images: str | Path, retention: Retention | None = None,
+                 worker_id: str | None = None):
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.files = ImageFiles(images)
+        self.db = open_database(db)
+        self.files.clean_partials()
+        self._retention = None
+        if retention is not None:
+            if retention.max_bytes is not None:
+                self._size_old_jobs()
+            remove_orphans(self)
+            self._retention = RetentionThread(self, retention)
+            self._retention.start()
+
+    @classmethod
+    def from_settings(cls, settings) -> "JobStore":
+        """The store `zimage serve` (and the Ray ingress) opens: --database-url or <data-dir>/jobs.db, --images-url
+        or <data-dir>/images, --retention."""
+        retention = None
+        if settings.retention_age_s is not None or settings.retention_bytes is not None:
+            retention = Retention(settings.retention_age_s, settings.retention_bytes)
+        return cls(settings.database_url or settings.db_path, settings.images_url or settings.images_dir, retention)
+
+    @property
+    def images_dir(self) -> Path | None:
+        """The local image directory; None when images live at a remote fsspec URL (see images_url)."""
+        return self.files.local
+
+    @property
+    def images_url(self) -> str:
+        return self.files.url
+
+    def describe(self) -> str:
+        return f"{self.db.describe}, images at {self.files.url}"
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        if self._retention is not None:
+            self._retention.stop()
+        self.db.close()
 
-    # ---------------------------------------------------------------- writes
+    # ---------------------------------------------------------------- submission and the single-worker path
     def add(self, params: dict) -> JobRecord:
-        now = time.time()
-        with self._lock:
-            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            job = JobRecord(new_job_id(), seq, "queued", params, now)
-            self._db.execute("INSERT INTO jobs (id, seq, status, params, created) VALUES (?, ?, 'queued', ?, ?)",
-                             (job.id, seq, json.dumps(params), now))
-        return job
+        return self.db.add(params)
 
     def recover(self, max_attempts: int) -> tuple[list[JobRecord], list[str]]:
         """After a restart: running -> queued (or failed after `max_attempts` runs). Returns (queued jobs in
         submission order, ids failed here)."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            rows = self._db.execute("SELECT id, attempts FROM jobs WHERE status = 'running'").fetchall()
-            failed = [i for i, a in rows if a >= max_attempts]
-            error = json.dumps({"message": f"the server stopped while running this job {max_attempts} times",
-                                "type": "server_error", "code": "interrupted"})
-            for job_id in failed:
-                self._db.execute("UPDATE jobs SET status='failed', finished=?, error=? WHERE id=?",
-                                 (time.time(), error, job_id))
-            self._db.execute("UPDATE jobs SET status='queued', started=NULL WHERE status='running'")
-        return self.list(status="queued", oldest_first=True), failed
+        return self.db.recover(self.worker_id, max_attempts)
 
     def start(self, job_ids: list[str]) -> list[str]:
         """queued -> running for those still queued; returns them."""
-        started = []
-        now = time.time()
-        with self._lock:
-            for job_id in job_ids:
-                cur = self._db.execute("UPDATE jobs SET status='running', started=?, attempts=attempts+1 "
-                                       "WHERE id=? AND status='queued'", (now, job_id))
-                if cur.rowcount:
-                    started.append(job_id)
-        return started
+        return self.db.start(self.worker_id, job_ids)
 
-    def requeue(self, job_id: str) -> bool:
+    def requeue(self, job_id: str, worker: str | None = None) -> bool:
         """running -> queued, not counting the interrupted run (a graceful shutdown, or a batch split up)."""
-        with self._lock:
-            cur = self._db.execute("UPDATE jobs SET status='queued', started=NULL, attempts=MAX(attempts-1, 0) "
-                                   "WHERE id=? AND status='running'", (job_id,))
-            return cur.rowcount == 1
+        return self.db.requeue(worker or self.worker_id, job_id)
 
-    def succeed(self, job_id: str, images: list[dict]) -> bool:
-        """running -> succeeded with its images, once. False if it was cancelled meanwhile."""
-        with self._lock:
-            cur = self._db.execute("UPDATE jobs SET status='succeeded', finished=?, images=? "
-                                   "WHERE id=? AND status='running'", (time.time(), json.dumps(images), job_id))
-            return cur.rowcount == 1
+    def succeed(self, job_id: str, images: list[dict], worker: str | None = None) -> bool:
+        """running -> succeeded with its images, once. False if it was cancelled meanwhile (or is no longer held
+        by `worker`)."""
+        nbytes = sum(self.files.size(i["id"]) for i in images)
+        return self.db.succeed(worker or self.worker_id, job_id, images, nbytes)
 
-    def fail(self, job_id: str, error: dict) -> bool:
-        with self._lock:
-            cur = self._db.execute("UPDATE jobs SET status='failed', finished=?, error=? "
-                                   "WHERE id=? AND status IN ('queued', 'running')",
-                                   (time.time(), json.dumps(error), job_id))
-            return cur.rowcount == 1
+    def fail(self, job_id: str, error: dict, worker: str | None = None) -> bool:
+        return self.db.fail(worker or self.worker_id, job_id, error)
 
     def cancel(self, job_id: str) -> bool:
         """queued | running -> cancelled. False if the job had already finished."""
-        with self._lock:
-            cur = self._db.execute("UPDATE jobs SET status='cancelled', finished=? "
-                                   "WHERE id=? AND status IN ('queued', 'running')", (time.time(), job_id))
-            return cur.rowcount == 1
+        return self.db.cancel(job_id)
+
+    # ---------------------------------------------------------------- several workers: leases
+    def claim(self, worker_id: str, lease_s: float, limit: int = 1, key: str | None = None) -> list[JobRecord]:
+        """Up to `limit` queued jobs that can share an engine call (batch key `key`, or the oldest job's), oldest
+        first, now running and leased to `worker_id` for `lease_s` seconds."""
+        return self.db.claim(worker_id, lease_s, limit, key)
+
+    def renew(self, worker_id: str, job_ids: list[str], lease_s: float) -> list[str]:
+        """Extend the leases `worker_id` still holds; a job missing from the answer was cancelled or taken over."""
+        return self.db.renew(worker_id, job_ids, lease_s)
+
+    def expire(self, max_attempts: int) -> tuple[list[str], list[str]]:
+        """Expired leases: back to 'queued' (run again), or failed after `max_attempts` runs. (requeued, failed)"""
+        return self.db.expire(max_attempts)
 
     # ---------------------------------------------------------------- reads
     def get(self, job_id: str) -> JobRecord | None:
         if not JOB_ID.match(job_id or ""):
             return None
-        with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return _record(row) if row else None
+        return self.db.get(job_id)
 
     def list(self, status: str | None = None, limit: int = 1_000_000, oldest_first: bool = False) -> list[JobRecord]:
-        order = "ASC" if oldest_first else "DESC"
-        where, args = ("WHERE status=?", (status,)) if status else ("", ())
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY seq {order} LIMIT ?",
-                                    (*args, limit)).fetchall()
-        return [_record(r) for r in rows]
+        return self.db.list(status, limit, oldest_first)
 
     # ---------------------------------------------------------------- files
     def image_name(self, job_id: str, index: int, output_format: str) -> str:
-        assert JOB_ID.match(job_id) and 0 <= index < 100
+        assert JOB_ID.match(job_id) and 0 <= index < 63  # 63: the fetched-images bit mask is a signed 64-bit int
         return f"{job_id}-{index}.{EXT[output_format]}"
 
-    def write_image(self, name: str, data: bytes) -> Path:
-        """Atomic: the file is complete or absent (a crash mid-write leaves only a .part that is ignored)."""
-        path = self.images_dir / name
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=self.images_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+    def write_image(self, name: str, data: bytes) -> Path | str:
+        """Atomic: the file is complete or absent (a crash mid-write leaves a .part, removed at the next start)."""
+        return self.files.write(name, data)
 
     def image_path(self, name: str) -> Path | None:
-        """The file of a finished job's image, or None. `name` is checked against the id pattern and against the
-        job's record (the file must belong to a succeeded job), so no other file can be reached."""
+        """The local file of a finished job's image, or None (unknown, or images not on this machine: then use
+        read_image). Records the image as fetched: the caller is about to hand it out."""
+        if self._owned(name) is None:
+            return None
+        path = self.files.path(name)
+        if path is not None:
+            self._fetched(name)
+        return path
+
+    def read_image(self, name: str) -> bytes | None:
+        """The bytes of a finished job's image, wherever it is stored, or None. Records the image as fetched."""
+        if self._owned(name) is None:
+            return None
+        data = self.files.read(name)
+        if data is not None:
+            self._fetched(name)
+        return data
+
+    def _owned(self, name: str) -> JobRecord | None:
+        """`name` is checked against the id pattern and against the job's record (the file must belong to a
+        succeeded job), so no other file can be reached."""
         m = IMAGE_NAME.match(name or "")
         if not m:
             return None
         job = self.get(m.group(1))
         if job is None or job.status != "succeeded" or name not in {i["id"] for i in job.images}:
             return None
-        path = (self.images_dir / name).resolve()
-        if path.parent != self.images_dir.resolve() or not path.is_file():
-            return None
-        return path
+        return job
 
+    def _fetched(self, name: str) -> None:
+        m = IMAGE_NAME.match(name)
+        self.db.mark_fetched(m.group(1), int(m.group(2)))
 
-_COLUMNS = "id, seq, status, params, created, started, finished, attempts, images, error"
+    # ---------------------------------------------------------------- retention
+    def sweep(self, policy: Retention) -> dict:
+        """One retention pass now (the background thread runs these when the store was given a policy)."""
+        return sweep(self, policy)
 
-
-def _record(row) -> JobRecord:
-    id_, seq, status, params, created, started, finished, attempts, images, error = row
-    return JobRecord(id_, seq, status, json.loads(params), created, started, finished, attempts,
-                     json.loads(images), json.loads(error) if error else None)
+    def _size_old_jobs(self) -> None:
+        for job_id, images in self.db.unsized():
+            self.db.set_bytes(job_id, sum(self.files.size(i["id"]) for i in images))

@@ -53,6 +53,10 @@ def _errors(*codes: int) -> dict:
              503: "No job can run: the model failed to load, or the job worker stopped (the message says which)."}
     return {c: {"model": ErrorBody, "description": words[c]} for c in codes}
 
+# Job error codes that mean "no engine could run it now", not "this request failed": a synchronous caller hears 503
+# (zimage.deploy raises EngineUnavailable when Ray replicas died under a job twice, or none is reachable).
+UNAVAILABLE_CODES = ("engine_unavailable",)
+
 DISCONNECT_POLL_S = 0.5  # how often a waiting synchronous request checks that its client is still there
 
 
@@ -126,14 +130,15 @@ def build_router() -> APIRouter:
             if job.status == "cancelled":
                 raise ApiError(409, "the job was cancelled", "cancelled")
             err = job.error or {}
-            raise ApiError(500, err.get("message", "generation failed"), err.get("code", "generation_failed"))
+            status = 503 if err.get("code") in UNAVAILABLE_CODES else 500
+            raise ApiError(status, err.get("message", "generation failed"), err.get("code", "generation_failed"))
         view = job_view(state, job)
         data = []
         for img in view.images:
             if body.response_format == "url":
                 data.append(ImageData(url=img.url, revised_prompt=body.prompt, seed=img.seed))
             else:
-                raw = await asyncio.to_thread((state.store.images_dir / img.id).read_bytes)
+                raw = await asyncio.to_thread(state.store.read_image, img.id)
                 data.append(ImageData(b64_json=base64.b64encode(raw).decode(), revised_prompt=body.prompt,
                                       seed=img.seed))
         p = view.params
@@ -187,11 +192,18 @@ def build_router() -> APIRouter:
                                                                    "needs no API key (checked before routing).")):
         """An image of a finished job, by the id in its job (e.g. job_...-0.png); the URLs in jobs carry a
         signature when the server has an API key."""
-        path = await asyncio.to_thread(get_state(request).store.image_path, name)
-        if path is None:
+        store = get_state(request).store
+        headers = {"Cache-Control": "private, max-age=31536000, immutable"}
+        media_type = MEDIA_TYPES.get(name.rsplit(".", 1)[-1])
+        if store.images_dir is not None:  # on this machine: sent from the file
+            path = await asyncio.to_thread(store.image_path, name)
+            if path is None:
+                raise ApiError(404, "no such image", "not_found", "name")
+            return FileResponse(path, media_type=media_type, headers=headers)
+        data = await asyncio.to_thread(store.read_image, name)  # at an fsspec URL (object store): read, then sent
+        if data is None:
             raise ApiError(404, "no such image", "not_found", "name")
-        return FileResponse(path, media_type=MEDIA_TYPES[path.suffix[1:]],
-                            headers={"Cache-Control": "private, max-age=31536000, immutable"})
+        return Response(data, media_type=media_type, headers=headers)
 
     return router
 

@@ -11,6 +11,7 @@ from zimage.engine.config import EngineConfig
 API_KEY_ENV = "ZIMAGE_API_KEY"
 URL_SECRET_ENV = "ZIMAGE_URL_SECRET"
 DATA_DIR_ENV = "ZIMAGE_DATA_DIR"
+DATABASE_URL_ENV = "ZIMAGE_DATABASE_URL"  # read by the CLI for --database-url, as API_KEY_ENV for --api-key
 
 
 def default_data_dir() -> Path:
@@ -26,6 +27,10 @@ class ServerSettings:
     host: str = "127.0.0.1"  # loopback unless told otherwise: exposing a GPU box is a decision, not a default
     port: int = 8000
     data_dir: Path = field(default_factory=default_data_dir)  # jobs.db (SQLite, WAL) and images/ live here
+    database_url: str | None = None  # postgresql://... (a cluster's shared store); None: SQLite <data_dir>/jobs.db
+    images_url: str | None = None  # a directory or fsspec URL (s3://bucket/prefix); None: <data_dir>/images
+    retention_age_s: float | None = None  # delete finished, fetched jobs unused this long (store/retention.py)
+    retention_bytes: int | None = None  # keep the images' total under this, same rule; None: no limit
     api_key: str | None = None  # None: no key (the CLI also reads $ZIMAGE_API_KEY)
     # the engine to load (used only when create_app is not handed an engine): the same config `zimage generate`
     # builds, so a new engine option reaches the server without being copied here field by field
@@ -34,6 +39,8 @@ class ServerSettings:
     max_queue: int = 64  # jobs waiting (not running) before POSTs get 429 + Retry-After
     max_batch: int = 8  # images per engine call; compatible queued jobs are batched up to this
     batch_wait_s: float = 0.0  # extra wait for companions before starting a batch (0: batch what is queued)
+    concurrent_batches: int = 1  # engine calls in flight at once: 1 for a local engine (one GPU); the Ray
+    # ingress sets its engine replicas' capacity (zimage.deploy), where Ray Serve routes and batches them
     encode_threads: int = 2  # threads that encode and store finished images, so the GPU worker moves on at once
     max_attempts: int = 3  # a job whose run was interrupted (crash) this many times is failed, not re-run forever
     # defaults for requests that do not say

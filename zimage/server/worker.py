@@ -82,7 +82,7 @@ class Worker:
                 self._pending.append(_Pending(job.id, job.params, request_from_params(job.params), job.created))
             self.metrics.queue_depth.set(len(self._pending))
         if queued:
-            log.info("recovered %d queued job(s) from %s", len(queued), self.store.images_dir.parent)
+            log.info("recovered %d queued job(s) from %s", len(queued), self.store.describe())
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -172,6 +172,16 @@ class Worker:
             return
         self.state, self.detail = "ok", None
         log.info("ready: %s", self.engine.describe())
+        # More than one loop only for an engine that runs calls side by side (settings.concurrent_batches).
+        others = [threading.Thread(target=self._loop, name=f"zimage-worker-{i}", daemon=True)
+                  for i in range(1, self.settings.concurrent_batches)]
+        for t in others:
+            t.start()
+        self._loop()
+        for t in others:
+            t.join()
+
+    def _loop(self) -> None:
         try:
             while True:
                 batch = self._next_batch()
@@ -242,7 +252,7 @@ class Worker:
         for p in batch:
             self.metrics.queue_wait.observe(now - p.submitted)
             self.hub.publish(p.job_id, "running", {"batch": len(batch)})
-        self.metrics.running.set(len(batch))
+        self.metrics.running.inc(len(batch))
         self.metrics.batch_images.observe(sum(p.request.num_images for p in batch))
         t0 = time.perf_counter()
         try:
@@ -252,7 +262,7 @@ class Worker:
             self._fail(batch, e)
             return
         finally:
-            self.metrics.running.set(0)
+            self.metrics.running.dec(len(batch))
             with self._cv:
                 for p in batch:
                     self._running.pop(p.job_id, None)

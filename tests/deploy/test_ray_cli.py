@@ -1,0 +1,62 @@
+"""run_ray (what `zimage serve --ray` calls): a local Ray cluster of its own, the application on it, served until
+Ctrl-C, then everything shut down and exit 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RUN = """
+import sys
+from zimage.deploy.ray_cli import run_ray
+from zimage.engine.config import EngineConfig
+from zimage.server.settings import ServerSettings
+settings = ServerSettings(port=int(sys.argv[1]), data_dir=sys.argv[2],
+                          engine=EngineConfig(model="tiny-random", device="cpu"),
+                          warmup_size=(256, 256), default_size=(256, 256), default_steps=2)
+sys.exit(run_ray(settings, replicas=1))
+"""
+
+
+@pytest.mark.slow
+def test_run_ray_serves_until_interrupted(tmp_path):
+    pytest.importorskip("ray.serve")
+    from zimage.server.launch import free_port
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    log = (tmp_path / "run_ray.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-c", RUN, str(port), str(tmp_path / "data")], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "run_ray.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "run_ray never became healthy"
+            time.sleep(0.5)
+        r = httpx.post(url + "/v1/images/generations", json={"prompt": "a fox", "seed": 1}, timeout=120)
+        assert r.status_code == 200 and r.json()["data"][0]["seed"] == 1
+        assert httpx.get(url + "/health").json()["engine"]["backend"] == "ray"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health", timeout=5)
