@@ -68,3 +68,30 @@ def test_engine_flags_become_one_engine_config_the_loader_uses(monkeypatch, tmp_
     loaded = []
     monkeypatch.setattr(Engine, "load", classmethod(lambda cls, config: loaded.append(config) or "engine"))
     assert default_loader(s)() == "engine" and loaded == [s.engine]
+
+
+def test_store_retention_and_ray_flags_reach_the_settings(tmp_path):
+    from zimage.cli.main import build_parser
+    from zimage.cli.serve import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--database-url", "postgresql://u@h/db",
+                                      "--images-url", str(tmp_path / "img"), "--retention", "7d,1GB", "--ray",
+                                      "--autoscale", "1:3"])
+    s = settings_from_args(args, environ={})
+    assert s.database_url == "postgresql://u@h/db" and s.images_url == str(tmp_path / "img")
+    assert (s.retention_age_s, s.retention_bytes) == (7 * 86400, 10**9)
+    assert args.ray and args.autoscale == "1:3"
+    env = settings_from_args(build_parser().parse_args(["serve", "--data-dir", str(tmp_path)]),
+                             environ={"ZIMAGE_DATABASE_URL": "postgresql://x@y/z"})
+    assert env.database_url == "postgresql://x@y/z"
+
+
+def test_a_bad_retention_is_a_usage_error(tmp_path):
+    import pytest
+
+    from zimage.cli.main import build_parser
+    from zimage.cli.serve import settings_from_args
+    from zimage.errors import UsageError
+
+    with pytest.raises(UsageError, match="--retention"):
+        settings_from_args(build_parser().parse_args(["serve", "--retention", "forever"]), environ={})

@@ -47,7 +47,23 @@ def register(subparsers) -> None:
     g.add_argument("--warmup-size", default="1024x1024",
                    help="WIDTHxHEIGHT of the warm-up generation, or 'none' (default: %(default)s)")
     g.add_argument("--no-previews", action="store_true", help="no preview images in job events")
+    g.add_argument("--database-url", default=None, metavar="URL",
+                   help="postgresql://user@host/db: jobs in PostgreSQL, shared by several servers or Ray replicas "
+                        "(default: $ZIMAGE_DATABASE_URL, else SQLite in --data-dir; the password from PGPASSWORD or "
+                        "~/.pgpass)")
+    g.add_argument("--images-url", default=None, metavar="URL",
+                   help="a directory or fsspec URL such as s3://bucket/prefix (default: DATA_DIR/images)")
+    g.add_argument("--retention", default=None, metavar="AGE,SIZE",
+                   help="delete finished jobs whose images were all fetched: 7d, 20GB or 7d,20GB (default: keep "
+                        "all; the rule is in docs/server.md)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    r = p.add_argument_group("ray serve (docs/ray.md)")
+    r.add_argument("--ray", action="store_true", help="serve on Ray Serve (a local Ray cluster, or --ray-address)")
+    scale = r.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="engine replicas, one GPU each (default: 1)")
+    scale.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                       help="let Ray Serve scale the engine replicas between MIN and MAX")
+    r.add_argument("--ray-address", default=None, metavar="ADDR", help="join this Ray cluster instead of starting one")
     add_model_flags(p)
     p.set_defaults(func=run)
 
@@ -55,7 +71,9 @@ def register(subparsers) -> None:
 def settings_from_args(args, environ=os.environ):
     """argparse namespace -> ServerSettings (validated: a bad value is a UsageError naming the flag)."""
     from zimage.cli.common import engine_config
-    from zimage.server.settings import API_KEY_ENV, URL_SECRET_ENV, ServerSettings, default_data_dir
+    from zimage.server.settings import (API_KEY_ENV, DATABASE_URL_ENV, URL_SECRET_ENV, ServerSettings,
+                                        default_data_dir)
+    from zimage.server.store.retention import parse_retention
     from zimage.server.size_text import parse_size_text
 
     def size(flag, text):
@@ -72,6 +90,12 @@ def settings_from_args(args, environ=os.environ):
         raise UsageError("--batch-wait must be >= 0", param="batch-wait")
     if args.url_ttl < 0:
         raise UsageError(f"--url-ttl must be >= 0 seconds, got {args.url_ttl}", param="url-ttl")
+    retention = None
+    if args.retention:
+        try:
+            retention = parse_retention(args.retention)
+        except ValueError as e:
+            raise UsageError(f"--retention: {e}", param="retention") from None
     url_secret = args.url_secret or environ.get(URL_SECRET_ENV) or None
     if url_secret is not None and len(url_secret) < 32:
         raise UsageError("--url-secret must be at least 32 characters (a guessable secret lets anyone sign URLs)",
@@ -86,6 +110,9 @@ def settings_from_args(args, environ=os.environ):
         cors_origins=tuple(args.cors_origin), public_url=args.public_url, url_ttl_s=args.url_ttl,
         url_secret=url_secret, previews=not args.no_previews,
         log_level=args.log_level,
+        database_url=args.database_url or environ.get(DATABASE_URL_ENV) or None, images_url=args.images_url,
+        retention_age_s=retention.max_age_s if retention else None,
+        retention_bytes=retention.max_bytes if retention else None,
     )
 
 
@@ -95,8 +122,14 @@ def run(args) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise UsageError(f"the server needs its extras: pip install 'zimage[server]' ({e.name} is missing)") from None
+    settings = settings_from_args(args)
+    if args.ray:
+        from zimage.deploy.config import parse_autoscale
+        from zimage.deploy.ray_cli import run_ray
+
+        autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+        return run_ray(settings, args.replicas, autoscale, args.ray_address)
     from zimage.server.launch import serve
 
-    settings = settings_from_args(args)
     serve(settings)
     return 0
