@@ -52,7 +52,7 @@ def test_run_ray_serves_until_interrupted(tmp_path):
             time.sleep(0.5)
         r = httpx.post(url + "/v1/images/generations", json={"prompt": "a fox", "seed": 1}, timeout=120)
         assert r.status_code == 200 and r.json()["data"][0]["seed"] == 1
-        assert httpx.get(url + "/health").json()["engine"]["backend"] == "ray"
+        assert httpx.get(url + "/v1/status").json()["engine"]["backend"] == "ray"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(120) == 0
     finally:
