@@ -92,6 +92,7 @@ def main() -> None:
     p.add_argument("--size", default="1024x1024")
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--no-merged", action="store_true", help="skip the merged runs (a runtime-slot-only rerun)")
     args = p.parse_args()
     global SIZE
     SIZE = tuple(int(v) for v in args.size.split("x"))
@@ -117,7 +118,7 @@ def main() -> None:
     free_cuda()
     # 2. merged (eager: the merged weights are the plain model's shapes; compile would only add its cost)
     res["merged"] = {}
-    for r in ranks:
+    for r in ([] if args.no_merged else ranks):
         t = time.perf_counter()
         engine = Engine.load(speed="eager", loras=(f"{files[r][0]}:0.8",), **dev)
         sync()
@@ -166,6 +167,21 @@ def main() -> None:
     res["runtime"] = runtime
     del engine
     free_cuda()
+    # 3b. runtime slots whose rank bucket is the smallest LoRA's rank: the cost of a slot grows with its bucket (the
+    # two products are (L, in) x (in, R) and (L, R) x (R, out) whatever rank the LoRA in it has)
+    low = min(ranks)
+    if low != top:
+        engine = Engine.load(speed=args.speed, lora_slots=SLOTS, lora_rank=low, **dev)
+        lo = (f"{files[low][0]}:0.8",)
+        image_seconds(engine, 1, loras=lo)
+        image_seconds(engine, 1, mixed=[(f"{files[low][k]}:0.8",) for k in range(SLOTS)])
+        matched = {f"r{low}_s": image_seconds(engine, args.repeats, loras=lo)[0],
+                   "none_s": image_seconds(engine, args.repeats)[0]}
+        matched["mixed_batch4_s"], _ = image_seconds(engine, 3, mixed=[(f"{files[low][k]}:0.8",) for k in range(SLOTS)])
+        matched["same_batch4_s"], _ = image_seconds(engine, 3, n=4, loras=lo)
+        res["runtime_bucket_" + str(low)] = matched
+        del engine
+        free_cuda()
     # 4. diffusers
     if not args.no_diffusers:
         import torch
@@ -193,7 +209,7 @@ def main() -> None:
         free_cuda()
     print(f"\n{res['env']['device']}  {SIZE[0]}x{SIZE[1]}, {STEPS} forwards; plain {args.speed} "
           f"{res['plain_s']:.3f} s/image, eager {res['plain_eager_s']:.3f}")
-    for r, m in res["merged"].items():
+    for r, m in res["merged"].items():  # (empty with --no-merged)
         print(f"merged r{r}: load {m['load_s']:.2f}s (plain eager {res['plain_eager_load_s']:.2f}s), "
               f"{m['s_per_image']:.3f} s/image = {m['s_per_image'] / res['plain_eager_s']:.3f}x plain eager")
     rt = res["runtime"]
@@ -202,6 +218,12 @@ def main() -> None:
     print(f"runtime, no LoRA: {rt['none_s']:.3f}; batch of 4: same LoRA {4 / rt['same_batch4_s']:.2f} img/s, "
           f"4 different {4 / rt['mixed_batch4_s']:.2f} img/s ({rt['same_batch4_s'] / rt['mixed_batch4_s']:.3f}x); "
           f"plain batch of 4 {4 / res['plain_batch4_s']:.2f} img/s")
+    if f"runtime_bucket_{min(ranks)}" in res:
+        m = res[f"runtime_bucket_{min(ranks)}"]
+        r = min(ranks)
+        print(f"runtime, bucket {r}: r{r} {m[f'r{r}_s']:.3f} s/image = {m[f'r{r}_s'] / res['plain_s']:.3f}x plain, "
+              f"no LoRA {m['none_s'] / res['plain_s']:.3f}x; batch of 4 mixed/same "
+              f"{m['same_batch4_s'] / m['mixed_batch4_s']:.3f}x")
     print(f"switch: slot write {rt['slot_write_s'] * 1000:.1f} ms, first image after {rt['switch_overhead_s']:+.3f}s, "
           f"new graphs {rt['new_graphs_after_switch']}")
     if "diffusers_fused" in res:

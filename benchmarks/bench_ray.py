@@ -1,6 +1,6 @@
 """Ray Serve with one engine replica against `zimage serve`, on one GPU: the cost of the cluster layer.
 
-    python benchmarks/bench_ray.py                       # full-size random weights, 1024x1024, 9 steps, 8 clients
+    python benchmarks/bench_ray.py                       # full-size random weights, 1024x1024, 8 steps (the Turbo recipe), 8 clients
     python benchmarks/bench_ray.py --rounds 2 --requests 64
 
 Needs zimage importable from this checkout with the server and ray extras (pip install -e '.[server,ray]' after
@@ -39,7 +39,7 @@ def parse_args(argv=None):
                    help="full-size model folder, built if absent (or tiny-random, for a CPU smoke run)")
     p.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run: --model tiny-random)")
     p.add_argument("--size", default="1024x1024")
-    p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=64, help="timed requests per run")
     p.add_argument("--rounds", type=int, default=1, help="serve then ray, this many times")

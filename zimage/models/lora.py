@@ -10,13 +10,28 @@ Which slot each row uses is shared by every layer of the network through one `Lo
 before a forward. In eager mode a batch whose rows all use one slot takes two plain matmuls; otherwise (and always
 when compiled, so that no Python branch depends on which slots a batch uses and a change of LoRA set never
 recompiles) the rows' factors are gathered and multiplied batch-wise (bmm: the segmented LoRA matmul of multi-LoRA
-LLM servers, at image batch sizes).
+LLM servers, at image batch sizes). The up product accumulates into the base layer's output in place (one GEMM with
+beta = 1, `add_lora_delta_`): a separate `y + delta` would write the (B, L, out) delta and read it and y back, about
+as many bytes per linear as the base GEMM's output itself.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+
+@torch.library.custom_op("zimage::add_lora_delta_", mutates_args=("y",))
+def add_lora_delta_(y: Tensor, d: Tensor, up_t: Tensor) -> None:
+    """y (B, L, out) += d (B, L, R) @ up_t (B, R, out), in place. A custom op so that a compiled graph keeps it one
+    in-place GEMM on the base output's buffer (inductor re-inplaces it; a plain `y.baddbmm_` is functionalised into a
+    copy plus an out-of-place baddbmm)."""
+    y.baddbmm_(d, up_t)
+
+
+@add_lora_delta_.register_fake
+def _(y: Tensor, d: Tensor, up_t: Tensor) -> None:
+    return None
 
 
 class LoraRows:
@@ -79,21 +94,23 @@ class LoraLinear(nn.Module):
 
     def forward(self, x):
         """x (B, ..., in) -> (B, ..., out); row b of the batch gets slot rows.slots[b]'s delta."""
-        y = self.base(x)
+        y = self.base(x).contiguous()  # a no-op for a linear's fresh output; the deltas are added into it in place
+        lead = x.shape
         if not torch.compiler.is_compiling():
             slot = self.rows.uniform()
             if slot is not None:
                 if slot < 0:
                     return y
                 d = torch.nn.functional.linear(x, self.lora_down[slot])  # (B, ..., R)
-                return y + torch.nn.functional.linear(d, self.lora_up[slot])
+                y.view(-1, self.out_features).addmm_(d.view(-1, d.shape[-1]), self.lora_up[slot].t())
+                return y
         rows = self.rows
-        lead = x.shape
         x3 = x.reshape(lead[0], -1, lead[-1])  # (B, L, in): one sequence per row
         down = self.lora_down[rows.index]  # (B, R, in)
         up = self.lora_up[rows.index] * rows.active  # (B, out, R); rows without LoRA add 0
         d = torch.bmm(x3, down.transpose(1, 2))  # (B, L, R)
-        return y + torch.bmm(d, up.transpose(1, 2)).reshape(*lead[:-1], self.out_features)
+        add_lora_delta_(y.view(lead[0], -1, self.out_features), d, up.transpose(1, 2))
+        return y
 
 
 def wrap_linears(model: nn.Module, names, slots: int, rank: int, dtype) -> tuple[LoraRows, dict]:
