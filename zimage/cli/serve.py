@@ -8,7 +8,7 @@ from pathlib import Path
 
 from zimage.errors import UsageError
 
-DEFAULT_LORA_SLOTS = 4  # with --lora-dir: a batch mixes up to 4 sets (at rank 64 about 1 GiB in bf16, full size)
+DEFAULT_LORA_SLOTS = 4  # with --lora-dir: a batch mixes up to 4 sets (at rank 64 about 1.5 GiB in bf16, full size)
 
 
 def register(subparsers) -> None:
