@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from zimage.errors import UsageError
 
+DEFAULT_LORA_SLOTS = 4  # with --lora-dir: a batch mixes up to 4 sets (at rank 64 about 1.5 GiB in bf16, full size)
+
 
 def register(subparsers) -> None:
     from zimage.cli.common import add_model_flags
+    from zimage.engine.config import MAX_LORA_SLOTS, EngineConfig
 
     p = subparsers.add_parser(
         "serve", help="run the HTTP server (OpenAI-compatible API, jobs, web page)",
@@ -57,6 +61,18 @@ def register(subparsers) -> None:
                    help="delete finished jobs whose images were all fetched: 7d, 20GB or 7d,20GB (default: keep "
                         "all; the rule is in docs/server.md)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    g = p.add_argument_group("LoRA (docs/server.md: LoRAs)")
+    g.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
+                   help="the LoRAs clients may name in a request's 'loras' (files DIR/NAME.safetensors and PEFT "
+                        "folders; GET /v1/loras lists them); clients give names only, never paths. --lora NAME "
+                        "also finds names here")
+    g.add_argument("--lora-slots", type=int, default=None, metavar="N",
+                   help=f"different per-request LoRA sets one batch can mix (1..{MAX_LORA_SLOTS}; each costs "
+                        f"memory: slots x rank x the transformer's in+out features; default: "
+                        f"{DEFAULT_LORA_SLOTS} with --lora-dir)")
+    g.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="rank of each runtime slot: a request's LoRA ranks summed must fit (default: "
+                        f"{EngineConfig.lora_rank})")
     r = p.add_argument_group("ray serve (docs/ray.md)")
     r.add_argument("--ray", action="store_true", help="serve on Ray Serve (a local Ray cluster, or --ray-address)")
     scale = r.add_mutually_exclusive_group()
@@ -103,7 +119,8 @@ def settings_from_args(args, environ=os.environ):
     return ServerSettings(
         host=args.host, port=args.port, data_dir=args.data_dir or default_data_dir(),
         api_key=args.api_key or environ.get(API_KEY_ENV) or None,
-        engine=engine_config(args, show_progress=False),  # expected_images None: a server makes many
+        engine=replace(engine_config(args, show_progress=False), **lora_options(args)),  # expected_images None:
+        # a server makes many
         max_queue=args.max_queue, max_batch=args.max_batch,
         batch_wait_s=args.batch_wait, default_size=size("default-size", args.default_size),
         warmup_size=None if args.warmup_size.lower() == "none" else size("warmup-size", args.warmup_size),
@@ -114,6 +131,28 @@ def settings_from_args(args, environ=os.environ):
         retention_age_s=retention.max_age_s if retention else None,
         retention_bytes=retention.max_bytes if retention else None,
     )
+
+
+def lora_options(args) -> dict:
+    """EngineConfig fields of the LoRA flags. Request LoRAs are names in --lora-dir (lora_names_only: a client never
+    names a path); runtime slots exist only with a folder to name from."""
+    from zimage.engine.config import MAX_LORA_SLOTS, EngineConfig
+
+    slots, rank = args.lora_slots, args.lora_rank
+    if args.lora_dir is None:
+        for flag, value in (("lora-slots", slots), ("lora-rank", rank)):
+            if value is not None:
+                raise UsageError(f"--{flag} needs --lora-dir (per-request LoRAs are named from that folder)",
+                                 param=flag)
+        return {}
+    if not args.lora_dir.expanduser().is_dir():
+        raise UsageError(f"--lora-dir {args.lora_dir}: no such folder", param="lora-dir")
+    if slots is not None and slots < 1:
+        raise UsageError(f"--lora-slots must be between 1 and {MAX_LORA_SLOTS} with --lora-dir, got {slots} (omit "
+                         "--lora-dir for no per-request LoRAs)", param="lora-slots")
+    return {"lora_dir": str(args.lora_dir.expanduser()), "lora_names_only": True,
+            "lora_slots": DEFAULT_LORA_SLOTS if slots is None else slots,
+            "lora_rank": EngineConfig.lora_rank if rank is None else rank}
 
 
 def run(args) -> int:

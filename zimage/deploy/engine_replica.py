@@ -84,7 +84,7 @@ class EngineReplica:
 
     async def generate(self, request):
         """One request's stream (see the module docstring)."""
-        call = _Call(request)
+        call = _Call(request.with_recipe(self.engine.recipe))  # steps/guidance left None: grouped as they will run
         answered = False
         try:
             # Read to the end even once answered: Serve's batch hands every call an item per step of the batch

@@ -60,6 +60,15 @@ class RemoteEngine:
     def describe(self) -> dict:
         return {**self._info, "backend": "ray"}
 
+    @property
+    def recipe(self):
+        """The replicas' recipe (zimage.recipe.Recipe), from their description: the server's worker fills the steps
+        and guidance a job left to the model with it, as it does for a local engine."""
+        from zimage.recipe import Recipe
+
+        r = self._info.get("recipe")
+        return Recipe(r["name"], r["steps"], r["guidance"]) if r else None
+
     def generate(self, request, on_progress=None, cancel=None):
         from zimage.errors import GenerationCancelled
 

@@ -66,11 +66,9 @@ class LoraLibrary:
         self._files[path] = (stat, lora)
         return lora
 
-    def available(self) -> list:
-        """Every LoRA in the folder (read, so that a broken one is reported here rather than per request): a list of
-        (name, LoraFile or the LoraError that reading it raised)."""
-        from zimage.weights.lora import LoraError
-
+    def names(self) -> list[str]:
+        """The names of the LoRAs in the folder, sorted, without reading them: .safetensors files (less the suffix)
+        and PEFT folders; hidden entries are skipped."""
         if self.dir is None or not self.dir.is_dir():
             return []
         out = []
@@ -78,11 +76,20 @@ class LoraLibrary:
             if entry.name.startswith("."):
                 continue
             if entry.suffix == SUFFIX or (entry / "adapter_config.json").is_file():
-                name = entry.stem if entry.suffix == SUFFIX else entry.name
-                try:
-                    out.append((name, self.read(LoraSpec(name))))
-                except LoraError as e:
-                    out.append((name, e))
+                out.append(entry.stem if entry.suffix == SUFFIX else entry.name)
+        return out
+
+    def available(self) -> list:
+        """Every LoRA in the folder (read, so that a broken one is reported here rather than per request): a list of
+        (name, LoraFile or the LoraError that reading it raised)."""
+        from zimage.weights.lora import LoraError
+
+        out = []
+        for name in self.names():
+            try:
+                out.append((name, self.read(LoraSpec(name))))
+            except LoraError as e:
+                out.append((name, e))
         return out
 
 
@@ -259,25 +266,39 @@ class EngineLoras:
         wanted = [r.loras for r in requests]
         if not any(wanted):
             return None
-        if self.runtime is None:
-            raise UsageError("this engine applies LoRAs merged, as one set for every image (EngineConfig.loras, "
-                             "--lora); per-request LoRAs need runtime slots (EngineConfig.lora_slots, "
-                             "serve --lora-dir)", param="loras")
         keys, slots, pinned = {}, [], set()
         for r in requests:
             if not r.loras:
                 slots += [-1] * r.num_images
                 continue
-            loras = self.resolve(r.loras, names_only)
-            for lora, _ in loras:
-                outside = [m for m in lora.transformer if m not in self.runtime.layers]
-                if lora.text_encoder or outside:
-                    what = "the text encoder" if lora.text_encoder else outside[0]
-                    raise UsageError(f"LoRA {lora.name!r} changes {what}, which per-request LoRAs cannot: apply it "
-                                     "merged (--lora when the engine starts)", param="loras")
+            loras = self.check_runtime(r.loras, names_only)
             key = set_key(loras)
             if key not in keys:
                 keys[key] = self.runtime.slot_for(key, loras, pinned)
                 pinned.add(keys[key])
             slots += [keys[key]] * r.num_images
         return slots
+
+    def check_runtime(self, specs, names_only: bool = False) -> tuple:
+        """((LoraFile, scale), ...) of a per-request set, after every check a runtime slot makes (so that a server
+        can refuse a request when it is submitted, not when its batch runs): each file read and fitting the
+        networks, only layers the slots wrap, and the ranks summed within the slots' rank."""
+        if self.runtime is None:
+            raise UsageError("this engine applies LoRAs merged, as one set for every image (EngineConfig.loras, "
+                             "--lora); per-request LoRAs need runtime slots (EngineConfig.lora_slots, "
+                             "serve --lora-dir)", param="loras")
+        loras = self.resolve(specs, names_only)
+        ranks: dict[str, int] = {}
+        for lora, _ in loras:
+            outside = [m for m in lora.transformer if m not in self.runtime.layers]
+            if lora.text_encoder or outside:
+                what = "the text encoder" if lora.text_encoder else outside[0]
+                raise UsageError(f"LoRA {lora.name!r} changes {what}, which per-request LoRAs cannot: apply it "
+                                 "merged (--lora when the engine starts)", param="loras")
+            for module, f in lora.transformer.items():
+                ranks[module] = ranks.get(module, 0) + f.down.shape[0]
+        for module, rank in ranks.items():
+            if rank > self.runtime.rank:
+                raise UsageError(f"this LoRA set has rank {rank} on {module}; the engine's runtime slots "
+                                 f"hold rank {self.runtime.rank} (start it with a larger --lora-rank)", param="loras")
+        return loras

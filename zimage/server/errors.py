@@ -127,7 +127,8 @@ def _shown(value) -> str:
 
 # GenerateRequest names fields as the engine does; the HTTP API names them as OpenAI and open servers do.
 _PARAM_NAMES = {"prompt": "prompt", "steps": "num_inference_steps", "guidance": "guidance_scale",
-                "width": "size", "height": "size", "negative_prompt": "negative_prompt", "seed": "seed", "n": "n"}
+                "width": "size", "height": "size", "negative_prompt": "negative_prompt", "seed": "seed", "n": "n",
+                "lora": "loras"}
 
 
 def _public_param(param: str | None) -> str | None:

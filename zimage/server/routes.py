@@ -18,6 +18,7 @@ from zimage.server.errors import ApiError
 from zimage.server.events import TERMINAL_EVENTS, format_sse
 from zimage.server.image_stream import image_events
 from zimage.server.images import MEDIA_TYPES
+from zimage.server.loras import build_lora_router, check_request_loras
 from zimage.server.schemas import (
     ErrorBody, Health, ImageData, ImageGenerationRequest, ImageGenerationResponse, Job, JobCreate, JobList,
     ModelCard, ModelList, ServerStatus,
@@ -205,15 +206,18 @@ def build_router() -> APIRouter:
             raise ApiError(404, "no such image", "not_found", "name")
         return Response(data, media_type=media_type, headers=headers)
 
+    router.include_router(build_lora_router())  # GET /v1/loras (zimage/server/loras.py)
     return router
 
 
 async def _submit(state, body: JobCreate):
     s = state.settings
     req = body.to_engine(s.default_size, s.default_steps)  # UsageError -> 400 naming the field
+    await asyncio.to_thread(check_request_loras, state, req.loras)  # ApiError 400 before the job exists
     params = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "width": req.width,
               "height": req.height, "steps": req.steps, "guidance": req.guidance, "seed": req.seed, "n": req.n,
-              "output_format": body.output_format, "output_compression": body.output_compression}
+              "output_format": body.output_format, "output_compression": body.output_compression,
+              "loras": [{"name": spec.name, "scale": spec.scale} for spec in req.loras]}
     try:
         return await asyncio.to_thread(state.worker.submit, params, req)  # commits to the store
     except QueueFull as e:

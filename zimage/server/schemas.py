@@ -8,12 +8,24 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from zimage.errors import UsageError
+from zimage.lora_spec import MAX_LORAS, MAX_SCALE, LoraSpec
 from zimage.request import (
     MAX_GUIDANCE, MAX_IMAGES_PER_PROMPT, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, GenerateRequest,
 )
 from zimage.server.size_text import SIZE_PATTERN, parse_size_text
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class LoraRef(BaseModel):
+    """A LoRA a request applies to its images: a name from GET /v1/loras (the server's --lora-dir), never a path."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(..., min_length=1, max_length=255, description="A name listed by GET /v1/loras (the file "
+                                                                      "name without .safetensors).")
+    scale: float = Field(1.0, ge=-MAX_SCALE, le=MAX_SCALE, allow_inf_nan=False,
+                         description="Strength: the update is scale x the file's own alpha/rank scaling.")
 
 
 class JobCreate(BaseModel):
@@ -34,20 +46,28 @@ class JobCreate(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; omitted: random "
                                                                   "(the seed used is reported).")
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
-                                            description="Denoising steps (transformer forwards); default 9.")
-    guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE,
-                                  description="Classifier-free guidance; 0 (the Turbo default) disables it.")
+                                            description="Denoising steps (transformer forwards); omitted: the "
+                                                        "model's recipe (8 for Z-Image-Turbo).")
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE,
+                                         description="Classifier-free guidance, 0 disables it; omitted: the model's "
+                                                     "recipe (0 for Z-Image-Turbo).")
+    loras: list[LoraRef] = Field([], max_length=MAX_LORAS,
+                                 description="LoRAs for these images, by name (GET /v1/loras); needs a server "
+                                             "started with --lora-dir. Each name at most once.")
     output_format: OutputFormat = Field("png", description="Image file format. PNGs carry the parameters.")
     output_compression: int | None = Field(None, ge=0, le=100,
                                            description="jpeg/webp quality loss in percent (OpenAI's meaning: "
                                                        "0 = best quality); default 10.")
 
-    def to_engine(self, default_size: tuple[int, int], default_steps: int) -> GenerateRequest:
-        """The validated engine request; raises zimage.errors.UsageError (-> 400) naming the field."""
+    def to_engine(self, default_size: tuple[int, int], default_steps: int | None = None) -> GenerateRequest:
+        """The validated engine request; raises zimage.errors.UsageError (-> 400) naming the field. Steps and
+        guidance left None (no client value, no server default) are the engine's recipe's (Engine.generate_many)."""
         width, height = default_size if self.size == "auto" else parse_size_text(self.size)
+        steps = self.num_inference_steps if self.num_inference_steps is not None else default_steps
         return GenerateRequest(
             prompts=(self.prompt,), negative_prompt=self.negative_prompt, width=width, height=height,
-            steps=self.num_inference_steps or default_steps, guidance=self.guidance_scale, seed=self.seed, n=self.n,
+            steps=steps, guidance=self.guidance_scale, seed=self.seed, n=self.n,
+            loras=tuple(LoraSpec(lora.name, lora.scale) for lora in self.loras),
         )
 
 
@@ -122,12 +142,13 @@ class JobParams(BaseModel):
     negative_prompt: str
     width: int
     height: int
-    steps: int
-    guidance: float
+    steps: int | None = Field(..., description="None: the model's recipe (shown resolved once the model is loaded).")
+    guidance: float | None = Field(..., description="None: the model's recipe, as steps.")
     seed: int
     n: int
     output_format: OutputFormat
     output_compression: int | None = None
+    loras: list[LoraRef] = Field([], description="The request's LoRAs, by name, with their strengths.")
 
 
 class JobProgress(BaseModel):

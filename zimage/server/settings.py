@@ -45,7 +45,7 @@ class ServerSettings:
     max_attempts: int = 3  # a job whose run was interrupted (crash) this many times is failed, not re-run forever
     # defaults for requests that do not say
     default_size: tuple[int, int] = (1024, 1024)  # OpenAI "size": "auto" and missing size mean this
-    default_steps: int = 9
+    default_steps: int | None = None  # None: the model's recipe (zimage.recipe: 8 for Turbo), filled by the engine
     # warm-up: one generation before /health says ready (compiles kernels, fills caches); None skips it
     warmup_size: tuple[int, int] | None = (1024, 1024)
     warmup_steps: int = 2

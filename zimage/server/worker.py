@@ -1,8 +1,10 @@
 """One worker thread owns the engine: it loads and warms it, then runs queued jobs, batching compatible ones.
 
 Scheduling: FIFO. The job at the head of the queue always runs next (nothing starves); queued jobs that share
-its width, height, steps and guidance join its batch, oldest first, up to `max_batch` images. Each image keeps its
-own seed and caption, so batching changes no image beyond float rounding (see docs/server.md).
+its width, height, steps and guidance join its batch, oldest first, up to `max_batch` images and at most what the
+engine's memory plan fits at that size (Engine.batch_limit), and with at most `lora_slots` different LoRA sets
+(the engine's runtime slots mix sets in one batch). Each image keeps its own seed, caption and LoRAs, so batching
+changes no image beyond float rounding (see docs/server.md).
 Cancellation: a queued job leaves the queue at once; a running one leaves its batch at the next step boundary.
 Finished images are encoded (PNG ~0.15 s per 1024x1024 image) and stored by a small thread pool, not by the worker:
 the GPU starts the next batch at once (a job stays 'running' in the store until its files are written).
@@ -38,7 +40,8 @@ def request_from_params(params: dict) -> GenerateRequest:
     """The engine request of a stored job (seed already drawn, so a re-run makes the same images)."""
     return GenerateRequest(prompts=(params["prompt"],), negative_prompt=params["negative_prompt"],
                            width=params["width"], height=params["height"], steps=params["steps"],
-                           guidance=params["guidance"], seed=params["seed"], n=params["n"])
+                           guidance=params["guidance"], seed=params["seed"], n=params["n"],
+                           loras=tuple((lora["name"], lora["scale"]) for lora in params.get("loras", ())))
 
 
 @dataclass
@@ -50,9 +53,15 @@ class _Pending:
     cancel: threading.Event = field(default_factory=threading.Event)  # user cancel or server shutdown
 
     @property
-    def key(self):  # jobs with equal keys can share an engine call
+    def key(self):  # jobs with equal keys can share an engine call (LoRA sets aside: see lora_set)
         r = self.request
         return (r.width, r.height, r.steps, r.guidance)
+
+    @property
+    def lora_set(self) -> tuple:
+        """The request's LoRA set; () for none. Different sets share a batch through the engine's runtime slots, one
+        slot per distinct set (so the key leaves them out, and _next_batch counts them)."""
+        return tuple(sorted((s.name, s.scale) for s in self.request.loras))
 
 
 class Worker:
@@ -227,18 +236,48 @@ class Worker:
         with self._cv:
             if self._stopping or not self._pending:
                 return [] if not self._stopping else None
+            self._resolve_recipe()
             head = self._pending[0]
-            batch, images = [], 0
+            cap, max_sets = self._batch_cap(head.request), self._lora_slots()
+            batch, images, sets = [], 0, set()
             for p in list(self._pending):
                 n = p.request.num_images
-                if p.key == head.key and (not batch or images + n <= self.settings.max_batch):
-                    batch.append(p)
-                    images += n
-                    self._pending.remove(p)
+                new_set = p.lora_set and p.lora_set not in sets
+                if batch and (p.key != head.key or images + n > cap or (new_set and len(sets) >= max_sets)):
+                    continue  # the head always runs (nothing starves), alone if need be
+                batch.append(p)
+                images += n
+                if p.lora_set:
+                    sets.add(p.lora_set)
+                self._pending.remove(p)
             for p in batch:
                 self._running[p.job_id] = p
             self.metrics.queue_depth.set(len(self._pending))
         return batch
+
+    def _resolve_recipe(self) -> None:
+        """Steps and guidance a job left to the model take the loaded engine's recipe (zimage.recipe), so that
+        the batching key and progress compare what will run (an engine without one fills them itself)."""
+        recipe = getattr(self.engine, "recipe", None)
+        if recipe is not None:
+            for p in self._pending:
+                p.request = p.request.with_recipe(recipe)
+
+    def _batch_cap(self, request: GenerateRequest) -> int:
+        """Images per engine call: max_batch, and no more than the engine's memory plan fits at the request's size
+        (Engine.batch_limit; the plan is made for one 1024x1024 image, so a full batch of large images would run
+        out of memory into the leaner fallback plan). An engine without batch_limit (Ray replicas plan their own
+        batches) is capped by max_batch only."""
+        batch_limit = getattr(self.engine, "batch_limit", None)
+        if batch_limit is None:
+            return self.settings.max_batch
+        fits = batch_limit(request.width, request.height, request.cfg, limit=self.settings.max_batch)
+        return max(1, min(self.settings.max_batch, fits))
+
+    def _lora_slots(self) -> int:
+        """How many different per-request LoRA sets one engine call can hold (0: none)."""
+        config = getattr(self.engine, "config", None) or self.settings.engine
+        return config.lora_slots
 
     def _run(self, batch: list[_Pending]) -> None:
         if not batch:
@@ -330,7 +369,7 @@ class Worker:
         for p in batch:
             rows[p.job_id] = (start, start + p.request.num_images)
             start += p.request.num_images
-        every = max(1, batch[0].request.steps // 4)
+        every = max(1, (batch[0].request.steps or 1) // 4)  # steps None: an engine that fills the recipe itself
 
         def on_progress(prog) -> None:
             whole = not any(p.cancel.is_set() for p in batch)

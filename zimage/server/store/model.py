@@ -46,8 +46,10 @@ def new_job_id() -> str:
 
 
 def batch_key(params: dict) -> str:
-    """Jobs with equal keys can share one engine call (the engine batches only equal size, steps and guidance)."""
-    return f"{params['width']}x{params['height']}:{params['steps']}:{float(params['guidance'])!r}"
+    """Jobs with equal keys can share one engine call (the engine batches only equal size, steps and guidance).
+    Steps or guidance None (the model's recipe) is its own value: such jobs batch with each other."""
+    guidance = params["guidance"] if params["guidance"] is None else float(params["guidance"])
+    return f"{params['width']}x{params['height']}:{params['steps']}:{guidance!r}"
 
 
 def interrupted_error(max_attempts: int) -> dict:
