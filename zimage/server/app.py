@@ -87,8 +87,8 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
     # Middleware added last runs first: metrics see every answer; CORS answers preflights (which carry no key)
     # and labels refusals; the guard refuses a missing key or a declared oversized body before any route or body
     # read; starlette's body limit (guard.BodyLimit, its limit chosen by path) counts the bytes of a body as they
-    # arrive (chunked too) and raises 413 at the first byte over, which the routes answer as JSON. (FastAPI's own max_body_size sits outside every user
-    # middleware and would replace the guard's JSON 413 by plain text.)
+    # arrive (chunked too) and raises 413 at the first byte over, which the routes answer as JSON. (FastAPI's own
+    # max_body_size sits outside every user middleware and would replace the guard's JSON 413 by plain text.)
     limits = upload_limits(settings)  # larger bodies for the routes that take pictures
     app.add_middleware(BodyLimit, max_body_bytes=MAX_BODY_BYTES, path_limits=limits)
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=MAX_BODY_BYTES, signer=signer,

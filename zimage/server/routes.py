@@ -51,7 +51,8 @@ def _errors(*codes: int) -> dict:
     """OpenAPI responses with the error body, for the statuses a route can answer (beyond 401, on every one)."""
     words = {400: "A bad value (`param` names it).",
              404: "No such job or image.",
-             413: "The body is over its limit (larger for pictures: docs/server.md).", 409: "The job was cancelled, or already finished.",
+             409: "The job was cancelled, or already finished.",
+             413: "The body is over its limit (larger for pictures: docs/server.md).",
              429: "The queue is full (see Retry-After).", 500: "The generation failed.",
              503: "No job can run: the model failed to load, or the job worker stopped (the message says which)."}
     return {c: {"model": ErrorBody, "description": words[c]} for c in codes}
