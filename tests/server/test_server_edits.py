@@ -157,3 +157,26 @@ def test_edits_resize_modes(client, size, resize):
                     files={"image": ("p.png", picture((320, 272)), "image/png")})
     assert r.status_code == 200, r.text
     assert r.json()["size"] == size
+
+
+def test_image_job_whose_input_file_is_gone_fails_at_the_restart(make_client, engine, tmp_path, wait_status):
+    """Its picture removed from the store while the server was down: that job fails, naming why; the others run."""
+    release = threading.Event()
+
+    def slow_loader():
+        release.wait(30)
+        return engine
+
+    first = make_client(ready=False, loader=slow_loader)
+    lost = first.post("/v1/jobs", json={"prompt": "a fox", "num_inference_steps": STEPS,
+                                        "image": b64(picture(seed=8))}).json()
+    text = first.post("/v1/jobs", json={"prompt": "a fox", "num_inference_steps": STEPS}).json()
+    threading.Timer(0.3, release.set).start()
+    first.__exit__(None, None, None)
+    for p in (tmp_path / "data" / "images").glob("input-*"):
+        p.unlink()
+    second = make_client()
+    failed = wait_status(second, lost["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "input_unavailable", failed
+    assert "no longer in the store" in failed["error"]["message"]
+    assert wait_status(second, text["id"])["status"] == "succeeded"
