@@ -199,7 +199,8 @@ def test_other_errors(client):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = client.put("/v1/jobs")
     assert r.status_code == 405 and "error" in r.json()
-    r = client.post("/v1/jobs", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+    # (1 MiB: generations; /v1/jobs and /v1/images/edits take pictures and have larger limits, test_server_edits*)
+    r = client.post("/v1/images/generations", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     r = client.get("/v1/images/job_000000000000000000000000-0.png")
     assert r.status_code == 404

@@ -20,7 +20,7 @@ CASES = [
     ("no key", "POST", JOBS, body(), False, 401, "missing_api_key", None),
     ("wrong key", "POST", JOBS, {**body(), "headers": {"Authorization": "Bearer nope"}}, False, 401,
      "invalid_api_key", None),
-    ("declared body over 1 MiB", "POST", JOBS, {"content": b"x" * (2 << 20)}, True, 413, "body_too_large", None),
+    ("declared body over 1 MiB", "POST", GEN, {"content": b"x" * (2 << 20)}, True, 413, "body_too_large", None),
     ("not JSON", "POST", JOBS, {"content": b"{not json"}, True, 400, "invalid_json", None),
     ("no prompt", "POST", GEN, {"json": {"size": "256x256"}}, True, 400, "missing_required_parameter", "prompt"),
     ("empty prompt", "POST", GEN, body(prompt=""), True, 400, "invalid_value", "prompt"),

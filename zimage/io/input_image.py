@@ -124,6 +124,48 @@ def load_mask(source, param: str = "mask") -> InputMask:
     return InputMask(gray, sha, label, gray.size, notes + more)
 
 
+def load_image_bytes(data: bytes, label: str, param: str = "image") -> InputImage:
+    """A file's bytes (e.g. an HTTP upload) -> InputImage, by the same rules as a file; `label` names it in errors."""
+    pil, notes = _decode(_check_bytes(data, param, label), param, label)
+    rgb, more = _to_rgb(pil)
+    return InputImage(rgb, hashlib.sha256(data).hexdigest(), label, rgb.size, notes + more)
+
+
+def load_mask_bytes(data: bytes, label: str, param: str = "mask", transparent_repaints: bool = False) -> InputMask:
+    """A file's bytes -> InputMask. transparent_repaints: OpenAI's mask convention (an RGBA PNG whose transparent
+    pixels are the area to edit): when the mask has any transparent pixel, its alpha channel is the mask
+    (repaint = 255 - alpha) and the colours are ignored; a mask without transparency keeps white = repaint."""
+    pil, notes = _decode(_check_bytes(data, param, label), param, label)
+    alpha = _transparency(pil) if transparent_repaints else None
+    if alpha is not None:
+        from PIL import ImageOps
+
+        gray, more = ImageOps.invert(alpha), ("mask transparency used as the mask (transparent = repaint)",)
+    else:
+        gray, more = _to_mask(pil)
+    return InputMask(gray, hashlib.sha256(data).hexdigest(), label, gray.size, notes + more)
+
+
+def _check_bytes(data: bytes, param: str, label: str) -> bytes:
+    if not isinstance(data, (bytes, bytearray)):
+        raise UsageError(f"the {param} must be the bytes of a picture file, got {type(data).__name__}", param=param)
+    if len(data) > MAX_INPUT_BYTES:
+        raise UsageError(f"{param} file {label} is {len(data) / 2**20:.1f} MiB; at most "
+                         f"{MAX_INPUT_BYTES // 2**20} MiB are accepted", param=param)
+    if not data:
+        raise UsageError(f"{param} file {label} is empty", param=param)
+    return bytes(data)
+
+
+def _transparency(img):
+    """The alpha channel (L) of a picture with at least one pixel not fully opaque, else None."""
+    img = _to_8bit(img)
+    if not _has_alpha(img):
+        return None
+    alpha = img.convert("RGBA").getchannel("A")
+    return alpha if alpha.getextrema()[0] < 255 else None
+
+
 def _load(source, param: str):
     """(decoded PIL image, sha256 of the file or None for a PIL input, label, notes)."""
     from PIL import Image

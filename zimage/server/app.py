@@ -45,10 +45,10 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
     """`engine`: an already loaded Engine (tests share one); else `engine_loader()` or the settings' model."""
     from fastapi import FastAPI
     from fastapi.staticfiles import StaticFiles
-    from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
     from zimage.server.auth import bearer_scheme
-    from zimage.server.guard import RequestGuard
+    from zimage.server.guard import BodyLimit, RequestGuard
+    from zimage.server.inputs import upload_limits
     from zimage.server.openapi import install_openapi
     from zimage.server.events import EventHub
     from zimage.server.jobs import JobStore
@@ -86,11 +86,13 @@ def create_app(settings: ServerSettings | None = None, engine=None, engine_loade
 
     # Middleware added last runs first: metrics see every answer; CORS answers preflights (which carry no key)
     # and labels refusals; the guard refuses a missing key or a declared oversized body before any route or body
-    # read; starlette's body limit counts the bytes of a body as they arrive (chunked too) and raises 413 at the
-    # first byte over, which the routes answer as JSON. (FastAPI's own max_body_size sits outside every user
-    # middleware and would replace the guard's JSON 413 by plain text.)
-    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)
-    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=MAX_BODY_BYTES, signer=signer)
+    # read; starlette's body limit (guard.BodyLimit, its limit chosen by path) counts the bytes of a body as they
+    # arrive (chunked too) and raises 413 at the first byte over, which the routes answer as JSON. (FastAPI's own
+    # max_body_size sits outside every user middleware and would replace the guard's JSON 413 by plain text.)
+    limits = upload_limits(settings)  # larger bodies for the routes that take pictures
+    app.add_middleware(BodyLimit, max_body_bytes=MAX_BODY_BYTES, path_limits=limits)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=MAX_BODY_BYTES, signer=signer,
+                       path_limits=limits)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

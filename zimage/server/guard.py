@@ -3,8 +3,9 @@
 A request without a valid key is answered 401 without one byte of its body read (an unauthenticated client
 cannot make the server buffer an upload), except on the public paths below, which carry no data and generate
 nothing. A body declared larger than the limit (Content-Length) is answered 413 at once; a body that does not
-declare its size (Transfer-Encoding: chunked) is counted as it arrives by FastAPI's body limit (create_app's
-`max_body_size`), which raises 413 at the first byte over it.
+declare its size (Transfer-Encoding: chunked) is counted as it arrives by BodyLimit below (starlette's body limit),
+which raises 413 at the first byte over it. The limit is per path: `path_limits` raise it for the routes that take
+pictures (zimage/server/inputs.py, upload_limits), every other body has `max_body_bytes`.
 
 Pure ASGI (BaseHTTPMiddleware would hide client disconnects from the routes).
 """
@@ -23,12 +24,13 @@ def is_public(path: str) -> bool:
 
 
 class RequestGuard:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, signer=None):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, signer=None, path_limits=None):
         """`signer` (signing.UrlSigner): a GET of an image URL that carries a signature is let through without
         the key when the signature opens it, and refused (401) when it does not."""
         self.app = app
         self.expected = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.path_limits = dict(path_limits or {})
         self.signer = signer
 
     async def __call__(self, scope, receive, send):
@@ -64,9 +66,26 @@ class RequestGuard:
             if not length.isascii() or not length.isdigit():
                 return ApiError(400, f"Content-Length must be a number of bytes, got {length!r}", "invalid_header",
                                 "content-length")
-            if len(length) > 15 or int(length) > self.max_body_bytes:  # (int() of 4300+ digits raises)
-                return body_too_large(self.max_body_bytes)
+            limit = self.path_limits.get(scope["path"], self.max_body_bytes)
+            if len(length) > 15 or int(length) > limit:  # (int() of 4300+ digits raises)
+                return body_too_large(limit)
         return None
+
+
+class BodyLimit:
+    """starlette's RequestBodyLimitMiddleware with the limit of the request's path: counts the body's bytes as they
+    arrive (chunked too, multipart uploads included) and raises 413 at the first byte over it."""
+
+    def __init__(self, app, max_body_bytes: int, path_limits=None):
+        self.app, self.max_body_bytes, self.path_limits = app, max_body_bytes, dict(path_limits or {})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.middleware.body_limit import RequestBodyLimitResponder
+
+        limit = self.path_limits.get(scope["path"], self.max_body_bytes)
+        return await RequestBodyLimitResponder(self.app, limit)(scope, receive, send)
 
 
 def has_body(scope) -> bool:

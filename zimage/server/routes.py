@@ -14,11 +14,13 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.convertors import CONVERTOR_TYPES, register_url_convertor
 
 from zimage.server.app import STATIC_DIR, get_state
+from zimage.server.edits import add_edits_route
 from zimage.server.errors import ApiError
 from zimage.server.events import TERMINAL_EVENTS, format_sse
 from zimage.server.image_stream import image_events
 from zimage.server.images import MEDIA_TYPES
 from zimage.server.loras import build_lora_router, check_request_loras
+from zimage.server.inputs import ImageJobCreate
 from zimage.server.schemas import (
     ErrorBody, Health, ImageData, ImageGenerationRequest, ImageGenerationResponse, Job, JobCreate, JobList,
     ModelCard, ModelList, ServerStatus,
@@ -49,7 +51,9 @@ STREAM_POLL_S = 1.0  # how often an idle stream checks that jobs can still run
 def _errors(*codes: int) -> dict:
     """OpenAPI responses with the error body, for the statuses a route can answer (beyond 401, on every one)."""
     words = {400: "A bad value (`param` names it).",
-             404: "No such job or image.", 409: "The job was cancelled, or already finished.",
+             404: "No such job or image.",
+             409: "The job was cancelled, or already finished.",
+             413: "The body is over its limit (larger for pictures: docs/server.md).",
              429: "The queue is full (see Retry-After).", 500: "The generation failed.",
              503: "No job can run: the model failed to load, or the job worker stopped (the message says which)."}
     return {c: {"model": ErrorBody, "description": words[c]} for c in codes}
@@ -126,31 +130,17 @@ def build_router() -> APIRouter:
             return StreamingResponse(image_events(state, job, body, request, DISCONNECT_POLL_S),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        job = await _wait(state, job.id, request)
-        if job.status != "succeeded":
-            if job.status == "cancelled":
-                raise ApiError(409, "the job was cancelled", "cancelled")
-            err = job.error or {}
-            status = 503 if err.get("code") in UNAVAILABLE_CODES else 500
-            raise ApiError(status, err.get("message", "generation failed"), err.get("code", "generation_failed"))
-        view = job_view(state, job)
-        data = []
-        for img in view.images:
-            if body.response_format == "url":
-                data.append(ImageData(url=img.url, revised_prompt=body.prompt, seed=img.seed))
-            else:
-                raw = await asyncio.to_thread(state.store.read_image, img.id)
-                data.append(ImageData(b64_json=base64.b64encode(raw).decode(), revised_prompt=body.prompt,
-                                      seed=img.seed))
-        p = view.params
-        return ImageGenerationResponse(created=int(job.created), data=data, output_format=p.output_format,
-                                       size=f"{p.width}x{p.height}", warnings=view.warnings or None)
+        return await images_response(state, job, body, request)
 
-    @router.post("/v1/jobs", response_model=Job, status_code=202, tags=["jobs"], responses=_errors(400, 429, 503))
-    async def create_job(body: JobCreate, request: Request):
-        """Queue a generation and return its id at once (the job is stored before this answers)."""
+    add_edits_route(router, _errors(400, 409, 413, 429, 500, 503), _submit, images_response)  # (edits.py)
+
+    @router.post("/v1/jobs", response_model=Job, status_code=202, tags=["jobs"],
+                 responses=_errors(400, 413, 429, 503))
+    async def create_job(body: ImageJobCreate, request: Request):
+        """Queue a generation and return its id at once (the job is stored before this answers). With `image`
+        (and `mask`), base64: img2img (inpainting); see docs/server.md, "Image inputs"."""
         state = get_state(request)
-        return job_view(state, await _submit(state, body))
+        return job_view(state, await _submit(state, body, body.inputs()))
 
     @router.get("/v1/jobs", response_model=JobList, tags=["jobs"], responses=_errors(400))
     async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=100, description="Newest first.")):
@@ -210,14 +200,43 @@ def build_router() -> APIRouter:
     return router
 
 
-async def _submit(state, body: JobCreate):
+async def images_response(state, job, body, request: Request) -> ImageGenerationResponse:
+    """OpenAI's answer for a submitted job, once it finished (generations and edits): images inline or as URLs."""
+    job = await _wait(state, job.id, request)
+    if job.status != "succeeded":
+        if job.status == "cancelled":
+            raise ApiError(409, "the job was cancelled", "cancelled")
+        err = job.error or {}
+        status = 503 if err.get("code") in UNAVAILABLE_CODES else 500
+        raise ApiError(status, err.get("message", "generation failed"), err.get("code", "generation_failed"))
+    view = job_view(state, job)
+    data = []
+    for img in view.images:
+        if body.response_format == "url":
+            data.append(ImageData(url=img.url, revised_prompt=body.prompt, seed=img.seed))
+        else:
+            raw = await asyncio.to_thread(state.store.read_image, img.id)
+            data.append(ImageData(b64_json=base64.b64encode(raw).decode(), revised_prompt=body.prompt,
+                                  seed=img.seed))
+    p = view.params
+    return ImageGenerationResponse(created=int(job.created), data=data, output_format=p.output_format,
+                                   size=f"{p.width}x{p.height}", warnings=view.warnings or None)
+
+
+async def _submit(state, body: JobCreate, inputs=None):
+    """`inputs`: the pictures of an img2img / inpainting request (inputs.JobInputs), or None."""
     s = state.settings
     req = body.to_engine(s.default_size, s.default_steps)  # UsageError -> 400 naming the field
     await asyncio.to_thread(check_request_loras, state, req.loras)  # ApiError 400 before the job exists
+    if inputs is not None:  # decoding a picture takes a while: off the event loop
+        req = await asyncio.to_thread(inputs.apply, req, body.size)
     params = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "width": req.width,
               "height": req.height, "steps": req.steps, "guidance": req.guidance, "seed": req.seed, "n": req.n,
               "output_format": body.output_format, "output_compression": body.output_compression,
               "loras": [{"name": spec.name, "scale": spec.scale} for spec in req.loras]}
+    if inputs is not None:  # checked: now kept in the store, before the job is committed
+        params.update(inputs.params(req, body.size))
+        await asyncio.to_thread(inputs.save, state.store)
     try:
         return await asyncio.to_thread(state.worker.submit, params, req)  # commits to the store
     except QueueFull as e:

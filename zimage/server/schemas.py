@@ -149,6 +149,13 @@ class JobParams(BaseModel):
     output_format: OutputFormat
     output_compression: int | None = None
     loras: list[LoraRef] = Field([], description="The request's LoRAs, by name, with their strengths.")
+    # starting from a picture (zimage/server/inputs.py): the hashes of the files, not the files
+    image_sha256: str | None = Field(None, description="SHA-256 of the input picture's file (img2img, edits).")
+    mask_sha256: str | None = Field(None, description="SHA-256 of the mask's file (inpainting).")
+    strength: float | None = None
+    resize: str | None = None
+    mask_blur: int | None = None
+    size_from_image: bool | None = Field(None, description="The size was the picture's own (size 'auto').")
 
 
 class JobProgress(BaseModel):

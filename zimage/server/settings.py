@@ -43,6 +43,9 @@ class ServerSettings:
     # ingress sets its engine replicas' capacity (zimage.deploy), where Ray Serve routes and batches them
     encode_threads: int = 2  # threads that encode and store finished images, so the GPU worker moves on at once
     max_attempts: int = 3  # a job whose run was interrupted (crash) this many times is failed, not re-run forever
+    # body limit of the routes that take pictures (POST /v1/images/edits; POST /v1/jobs allows 4/3 of it, base64):
+    # two files at zimage.io.input_image's 25 MiB per file, plus 1 MiB of form fields. Other bodies: 1 MiB.
+    max_upload_bytes: int = 51 * 2**20
     # defaults for requests that do not say
     default_size: tuple[int, int] = (1024, 1024)  # OpenAI "size": "auto" and missing size mean this
     default_steps: int | None = None  # None: the model's recipe (zimage.recipe: 8 for Turbo), filled by the engine

@@ -36,12 +36,18 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-def request_from_params(params: dict) -> GenerateRequest:
-    """The engine request of a stored job (seed already drawn, so a re-run makes the same images)."""
-    return GenerateRequest(prompts=(params["prompt"],), negative_prompt=params["negative_prompt"],
-                           width=params["width"], height=params["height"], steps=params["steps"],
-                           guidance=params["guidance"], seed=params["seed"], n=params["n"],
-                           loras=tuple((lora["name"], lora["scale"]) for lora in params.get("loras", ())))
+def request_from_params(params: dict, store=None) -> GenerateRequest:
+    """The engine request of a stored job (seed already drawn, so a re-run makes the same images); its input
+    pictures, if any, read back from `store` (zimage/server/inputs.py)."""
+    req = GenerateRequest(prompts=(params["prompt"],), negative_prompt=params["negative_prompt"],
+                          width=params["width"], height=params["height"], steps=params["steps"],
+                          guidance=params["guidance"], seed=params["seed"], n=params["n"],
+                          loras=tuple((lora["name"], lora["scale"]) for lora in params.get("loras", ())))
+    if params.get("image_sha256"):
+        from zimage.server.inputs import with_stored_inputs
+
+        req = with_stored_inputs(req, params, store)
+    return req
 
 
 @dataclass
@@ -53,9 +59,9 @@ class _Pending:
     cancel: threading.Event = field(default_factory=threading.Event)  # user cancel or server shutdown
 
     @property
-    def key(self):  # jobs with equal keys can share an engine call (LoRA sets aside: see lora_set)
-        r = self.request
-        return (r.width, r.height, r.steps, r.guidance)
+    def key(self):  # jobs with equal keys can share an engine call (size, steps, guidance, picture kind, strength;
+        # LoRA sets aside: see lora_set)
+        return self.request.batch_key()
 
     @property
     def lora_set(self) -> tuple:
@@ -86,13 +92,25 @@ class Worker:
         queued, failed = self.store.recover(self.settings.max_attempts)
         for job_id in failed:
             log.warning("job %s failed: interrupted %d times", job_id, self.settings.max_attempts)
+        recovered = [(job, self._recovered_request(job)) for job in queued]
         with self._cv:
-            for job in queued:
-                self._pending.append(_Pending(job.id, job.params, request_from_params(job.params), job.created))
+            for job, request in recovered:
+                if request is not None:
+                    self._pending.append(_Pending(job.id, job.params, request, job.created))
             self.metrics.queue_depth.set(len(self._pending))
         if queued:
             log.info("recovered %d queued job(s) from %s", len(queued), self.store.describe())
         self._thread.start()
+
+    def _recovered_request(self, job) -> GenerateRequest | None:
+        """A queued job's request, or None after failing the job (its stored input picture is gone or unreadable:
+        that job fails, the others run)."""
+        try:
+            return request_from_params(job.params, self.store)
+        except ZImageError as e:
+            log.warning("job %s cannot run again: %s", job.id, e)
+            self.store.fail(job.id, {"message": str(e), "type": "server_error", "code": "input_unavailable"})
+            return None
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the current step: running jobs go back to 'queued' (they run again at the next start)."""

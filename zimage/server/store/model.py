@@ -46,10 +46,14 @@ def new_job_id() -> str:
 
 
 def batch_key(params: dict) -> str:
-    """Jobs with equal keys can share one engine call (the engine batches only equal size, steps and guidance).
-    Steps or guidance None (the model's recipe) is its own value: such jobs batch with each other."""
+    """Jobs with equal keys can share one engine call (the engine batches only equal size, steps and guidance, and
+    for jobs that start from a picture, equal strength and kind: GenerateRequest.batch_key). Steps or guidance None
+    (the model's recipe) is its own value: such jobs batch with each other."""
     guidance = params["guidance"] if params["guidance"] is None else float(params["guidance"])
-    return f"{params['width']}x{params['height']}:{params['steps']}:{guidance!r}"
+    key = f"{params['width']}x{params['height']}:{params['steps']}:{guidance!r}"
+    if params.get("image_sha256"):  # (zimage/server/inputs.py) text-only keys stay as they were stored
+        key += f":image:{float(params['strength'])!r}:{'mask' if params.get('mask_sha256') else 'nomask'}"
+    return key
 
 
 def interrupted_error(max_attempts: int) -> dict:
