@@ -255,12 +255,12 @@ def test_the_openapi_schema_shows_loras_and_the_route(client):
     schema = client.get("/openapi.json").json()
     assert "/v1/loras" in schema["paths"]
     parts = schema["components"]["schemas"]
-    for model in ("JobCreate", "ImageGenerationRequest"):
+    for model in ("ImageJobCreate", "ImageGenerationRequest"):  # the bodies of /v1/jobs and /v1/images/generations
         assert "loras" in parts[model]["properties"]
-    assert parts["JobCreate"]["properties"]["loras"]["maxItems"] == 8
+    assert parts["ImageJobCreate"]["properties"]["loras"]["maxItems"] == 8
     scale = parts["LoraRef"]["properties"]["scale"]
     assert scale["minimum"] == -10 and scale["maximum"] == 10 and scale["default"] == 1.0
-    assert "recipe" in parts["JobCreate"]["properties"]["num_inference_steps"]["description"]
+    assert "recipe" in parts["ImageJobCreate"]["properties"]["num_inference_steps"]["description"]
 
 
 # ------------------------------------------------------------------ the recipe's steps
