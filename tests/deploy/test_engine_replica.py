@@ -145,3 +145,20 @@ def test_a_foreign_error_travels_as_a_plain_runtime_error(fresh, loop):
     events = loop.run_until_complete(collect(r, req("x")))
     kind, error = events[-1]
     assert kind == "error" and type(error) is RuntimeError and str(error) == "Odd: 12"
+
+
+def test_plan_groups_splits_by_key_lora_slots_and_the_memory_plans_limit():
+    from zimage.deploy.engine_replica import plan_groups
+
+    def r(size=256, loras=(), n=1, strength=None):
+        return GenerateRequest(prompts=("x",), width=size, height=size, steps=2, n=n, seed=1, loras=loras)
+
+    a, b, c = ("a.safetensors", 0.5), ("b.safetensors", 1.0), ("c.safetensors", 1.0)
+    reqs = [r(), r(loras=(a,)), r(loras=(b,)), r(loras=(a,)), r(loras=(c,)), r(512), r()]
+    # two slots: the sets a and b share the first call (with the LoRA-less ones), c opens a second
+    assert plan_groups(reqs, 2, lambda q: 8) == [[0, 1, 2, 3, 6], [4], [5]]
+    # the memory plan fits 2 images: calls of at most 2, each request in the first call it fits; a request of 3
+    # images runs alone, whole
+    assert plan_groups([r(), r(), r(), r(n=3), r()], 4, lambda q: 2) == [[0, 1], [2, 4], [3]]
+    # no runtime slots: a LoRA set runs alone (the engine refuses per-request sets then; its error reaches the call)
+    assert plan_groups([r(loras=(a,)), r(loras=(b,))], 0, lambda q: 8) == [[0], [1]]

@@ -21,6 +21,18 @@ def test_arguments_become_settings_engine_and_deployment(tmp_path):
     assert auto[2].autoscale == (1, 5) and auto[2].capacity == 15 and auto[0].api_key == "k"
 
 
+def test_lora_arguments_configure_the_replicas_engine(tmp_path):
+    _, engine, _ = parse_args({"lora_dir": str(tmp_path), "lora_slots": "2", "lora_rank": "32",
+                               "lora": "style:0.8,detail"}, environ={})
+    assert (engine.lora_dir, engine.lora_names_only, engine.lora_slots, engine.lora_rank) == (str(tmp_path), True, 2, 32)
+    assert [(spec.name, spec.scale) for spec in engine.loras] == [("style", 0.8), ("detail", 1.0)]
+    with pytest.raises(UsageError) as err:
+        parse_args({"lora_slots": "2"}, environ={})  # per-request LoRAs are named from a folder
+    assert err.value.param == "lora-slots"
+    with pytest.raises(UsageError, match="no such folder"):
+        parse_args({"lora_dir": str(tmp_path / "absent")}, environ={})
+
+
 @pytest.mark.parametrize("args, param", [
     ({"replica": 2}, "replica"), ({"replicas": "two"}, "replicas"), ({"replicas": 0}, "replicas"),
     ({"autoscale": "4:1"}, "autoscale"), ({"autoscale": "x"}, "autoscale"), ({"fp8": "maybe"}, "fp8"),

@@ -94,6 +94,8 @@ _ARGS = {
     "data_dir": "path", "api_key": "key (default: $ZIMAGE_API_KEY)", "retention": "7d | 20GB | 7d,20GB",
     "warmup_size": "WxH | none", "default_size": "WxH", "default_steps": "N", "max_queue": "N",
     "public_url": "URL", "cors_origin": "origin[,origin]",
+    "lora": "NAME[:SCALE][,...] merged for every image", "lora_dir": "folder of the LoRAs requests may name "
+    "(every replica's path)", "lora_slots": "runtime LoRA sets per engine call", "lora_rank": "runtime slots' rank",
 }
 
 
@@ -101,6 +103,19 @@ def app(args: dict):
     """The application builder that `serve run` and `serve deploy` call with the given key=value arguments."""
     settings, engine, deployment = parse_args(args)
     return build(settings, engine, deployment)
+
+
+def _lora_options(a: dict, number) -> dict:
+    """EngineConfig's per-request LoRA fields from lora_dir / lora_slots / lora_rank, checked as `zimage serve`'s
+    --lora-dir / --lora-slots / --lora-rank are (the folder must exist where this runs: give every replica the same
+    path, e.g. a shared volume)."""
+    from types import SimpleNamespace
+
+    from zimage.cli.serve import lora_options
+
+    return lora_options(SimpleNamespace(
+        lora_dir=Path(a["lora_dir"]) if "lora_dir" in a else None,
+        lora_slots=number("lora_slots", int, None), lora_rank=number("lora_rank", int, None)))
 
 
 def parse_args(args: dict, environ=os.environ):
@@ -148,7 +163,9 @@ def parse_args(args: dict, environ=os.environ):
             raise UsageError(f"retention: {e}", param="retention") from None
     engine = EngineConfig(model=a.get("model", EngineConfig.model), device=a.get("device", "auto"),
                           dtype=a.get("dtype", "auto"), speed=a.get("speed", "auto"), fp8=flag("fp8"),
-                          vram_budget_gib=number("vram_budget", float, None))
+                          vram_budget_gib=number("vram_budget", float, None),
+                          loras=tuple(filter(None, a.get("lora", "").split(","))),
+                          **_lora_options(a, number))
     base = ServerSettings()
     settings = with_engine(replace(
         base, data_dir=Path(a["data_dir"]).expanduser() if "data_dir" in a else default_data_dir(),
