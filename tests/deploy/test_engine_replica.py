@@ -3,6 +3,7 @@ engine calls, one per batch key; each call's stream is started, progress, then i
 batch is the image made alone (to the 1/255 the server's batching allows); a cancelled call is dropped."""
 
 import asyncio
+import types
 
 import numpy as np
 import pytest
@@ -162,3 +163,25 @@ def test_plan_groups_splits_by_key_lora_slots_and_the_memory_plans_limit():
     assert plan_groups([r(), r(), r(), r(n=3), r()], 4, lambda q: 2) == [[0, 1], [2, 4], [3]]
     # no runtime slots: a LoRA set runs alone (the engine refuses per-request sets then; its error reaches the call)
     assert plan_groups([r(loras=(a,)), r(loras=(b,))], 0, lambda q: 8) == [[0], [1]]
+
+
+def test_a_call_tagged_with_a_lora_set_reads_it_first_and_a_bad_one_is_that_calls_error(fresh, loop, monkeypatch):
+    """RemoteEngine tags a request with LoRAs with its set (Serve's multiplexed model id): the replica reads the
+    set's files before batching the call; a set that does not read answers this call with an error."""
+    from zimage.deploy import engine_replica
+    from zimage.deploy.remote_engine import lora_set_id
+    from zimage.errors import ZImageError
+    from zimage.lora_spec import check_loras
+
+    r, counting = fresh
+    # Serve's multiplex wrapper needs a live replica (its context, metrics): here the loader itself runs, unwrapped
+    monkeypatch.setattr(r, "_hold_lora_set", types.MethodType(EngineReplica._hold_lora_set.__wrapped__, r))
+    monkeypatch.setattr(engine_replica.serve, "get_multiplexed_model_id",
+                        lambda: lora_set_id(check_loras(["absent.safetensors:0.5"])))
+    events = loop.run_until_complete(collect(r, req("fox")))
+    [(kind, error)] = events
+    assert kind == "error" and isinstance(error, ZImageError) and "absent.safetensors" in str(error)
+    assert counting.calls == []  # nothing ran
+    monkeypatch.setattr(engine_replica.serve, "get_multiplexed_model_id", lambda: "")
+    events = loop.run_until_complete(collect(r, req("fox")))
+    assert events[-1][0] == "result"

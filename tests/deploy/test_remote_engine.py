@@ -175,3 +175,19 @@ def test_a_sync_request_survives_one_dying_replica(app_on, engine):
     client = app_on(Handle([STARTED, PROGRESS, ActorDiedError()], [STARTED, PROGRESS, ("result", result)]))
     r = client.post("/v1/images/generations", json={"prompt": "x", "seed": 1, "size": "256x256"})
     assert r.status_code == 200 and r.json()["data"][0]["seed"] == 1
+
+
+def test_a_request_with_loras_names_its_set_for_serves_multiplexed_routing():
+    from zimage.deploy.remote_engine import lora_set_id
+
+    handle = Handle([STARTED, result_marker()], [STARTED, result_marker()])
+    tags = []
+    handle.options = lambda **kw: tags.append(kw.get("multiplexed_model_id")) or handle
+    engine = RemoteEngine(handle)
+    tags.clear()  # (RemoteEngine's own options(stream=True))
+    engine.generate_many([REQ])
+    with_loras = GenerateRequest(prompts=("x",), width=256, height=256, steps=2, seed=1,
+                                 loras=(("style", 0.8), ("detail", 1.0)))
+    engine.generate_many([with_loras])
+    same_set = lora_set_id(GenerateRequest(prompts=("y",), loras=(("detail", 1.0), ("style", 0.8))).loras)
+    assert tags == [same_set]  # no tag without LoRAs; the set in any order is one id

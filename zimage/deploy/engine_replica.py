@@ -38,6 +38,11 @@ class _Call:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+# LoRA sets a replica tells Serve it holds (its multiplexed model ids; the decorator needs the number up front):
+# zimage serve's default --lora-slots. A replica with more slots still keeps more sets (its own LRU); Serve routes
+# by the last four it heard of.
+MULTIPLEXED_SETS = 4
+
 # Images per engine call. Set by the replica's constructor: a batch_size_fn is fixed when the method is decorated,
 # and each replica is a process of its own, so a module value is this replica's setting.
 _max_batch = 8
@@ -85,6 +90,12 @@ class EngineReplica:
 
     async def generate(self, request):
         """One request's stream (see the module docstring)."""
+        if lora_set := serve.get_multiplexed_model_id():  # (RemoteEngine names a request's LoRA set so)
+            try:
+                await self._hold_lora_set(lora_set)
+            except Exception as e:  # noqa: BLE001 - a LoRA that does not read is this call's error, not the replica's
+                yield ("error", _portable(e))
+                return
         call = _Call(request.with_recipe(self.engine.recipe))  # steps/guidance left None: grouped as they will run
         answered = False
         try:
@@ -97,6 +108,20 @@ class EngineReplica:
                 answered = item[0] in ("result", "error")
         finally:
             call.cancel.set()  # the caller went away (cancelled): the engine drops its rows at the next step
+
+    @serve.multiplexed(max_num_models_per_replica=MULTIPLEXED_SETS)
+    async def _hold_lora_set(self, lora_set: str) -> str:
+        """Serve's model multiplexing, for LoRA sets: once a replica has run a set, Serve routes that set's next
+        requests to it first, so each replica's runtime slots keep serving the sets they hold instead of every
+        replica cycling through all of them. Reads the set's files into the engine's cache (a bad name or file
+        fails here, before the call is batched); the slot itself is written when the set's batch runs."""
+        import json
+
+        from zimage.lora_spec import check_loras
+
+        specs = check_loras([tuple(pair) for pair in json.loads(lora_set)])  # zimage.deploy.remote_engine.lora_set_id
+        await asyncio.to_thread(self.engine.loras.resolve, specs, self.engine.config.lora_names_only)
+        return lora_set
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, batch_size_fn=_images)
     async def _batched(self, calls: list[_Call]):

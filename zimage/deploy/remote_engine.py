@@ -100,6 +100,13 @@ class RemoteEngine:
             raise errors[0]
         return results
 
+    def _handle_for(self, request):
+        """The handle a request is sent through: with LoRAs, tagged with its set (Serve's multiplexed model id), so
+        Serve prefers a replica whose slots already hold it (zimage.deploy.engine_replica._hold_lora_set)."""
+        if not request.loras:
+            return self._handle
+        return self._handle.options(multiplexed_model_id=lora_set_id(request.loras))
+
     def _run(self, request, on_progress, cancel):
         from ray.exceptions import ActorUnavailableError, RayActorError
         from ray.serve.exceptions import RequestCancelledError
@@ -109,7 +116,7 @@ class RemoteEngine:
             if cancel is not None and cancel.is_set():
                 return None
             started = False
-            stream = self._handle.generate.remote(request)
+            stream = self._handle_for(request).generate.remote(request)
             watch = _CancelWatch(stream, cancel)
             try:
                 for kind, data in stream:
@@ -182,3 +189,11 @@ def _progress(data: dict):
     from zimage.engine.result import Progress
 
     return Progress(data["phase"], data["step"], data["total"], data.get("latents"))
+
+
+def lora_set_id(loras) -> str:
+    """A LoRA set as one string, the same for the same set in any order: JSON [[name, scale], ...] sorted (the
+    replica reads it back: zimage.deploy.engine_replica._hold_lora_set)."""
+    import json
+
+    return json.dumps(sorted([spec.name, spec.scale] for spec in loras))
