@@ -20,8 +20,9 @@ import pytest
 from tests.deploy.conftest import STEPS, wait_healthy
 
 pytestmark = pytest.mark.slow
-SLOW = 300  # steps: ~10 s a job on one thread: a kill lands mid-run even on a loaded 2-core machine (at 100 a
-# loaded CI machine once finished the victim's jobs before the kill took effect, and nothing was run again)
+SLOW = 100  # steps (the API's most) at SLOW_SIZE: ~10 s a job on one thread, so a kill lands mid-run even on a
+SLOW_SIZE = "512x512"  # loaded 2-core machine (at 256x256 a loaded CI machine once finished the victim's jobs
+# before the kill took effect, and nothing was run again)
 
 
 # ---------------------------------------------------------------- helpers
@@ -80,8 +81,8 @@ def replica_pids(deployed) -> set[int]:
 
 
 def submit_slow(url, i):
-    r = httpx.post(f"{url}/v1/jobs", json={"prompt": f"slow {i}", "seed": 100 + i, "num_inference_steps": SLOW},
-                   timeout=30)
+    r = httpx.post(f"{url}/v1/jobs", json={"prompt": f"slow {i}", "seed": 100 + i, "num_inference_steps": SLOW,
+                                          "size": SLOW_SIZE}, timeout=30)
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -103,7 +104,7 @@ def kill_mid_batch(deployed, kill):
 
     def sync_call():
         try:
-            sync["response"] = client.images.generate(prompt="sync", size="256x256", response_format="b64_json",
+            sync["response"] = client.images.generate(prompt="sync", size=SLOW_SIZE, response_format="b64_json",
                                                       extra_body={"seed": 7, "num_inference_steps": SLOW})
         except Exception as e:  # noqa: BLE001 - examined by the test
             sync["error"] = e
