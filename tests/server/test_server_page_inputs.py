@@ -209,6 +209,7 @@ def test_outpaint_margins_send_a_larger_picture_whose_new_area_is_white(page, pi
     assert mask[100, 100] == 0 and mask[0, 32] == 0 and mask[255, 287] == 0  # the original area is kept
     # too wide for the model: the server's message is shown
     p.fill("#pad-right", "2000")
+    assert "Too large" in p.inner_text("#image-info")  # said before sending
     page.generate()
     page.expect(p.locator("#form-error")).to_contain_text("2048", timeout=TIMEOUT)
 

@@ -6,6 +6,7 @@
 "use strict";
 
 const MAX_SIDE = 2048;  // the model's largest side: a bigger picture is scaled down when loaded (said in the UI)
+const MIN_SIDE = 256;  // and its smallest: a smaller picture is sent as it is (the server's message says why not)
 const DEFAULT_STRENGTH = 0.6;  // the server's defaults: 0.6 from a picture, 1.0 with a mask
 const MASK_STRENGTH = 1.0;
 const PAINT = "rgb(255, 40, 90)";  // the mask canvas shows strokes in this colour, made see-through by CSS
@@ -143,9 +144,14 @@ function showSizeInfo() {
   sizeFollowsPicture(pic.loaded);
   if (!pic.loaded) return;
   const m = margins(), w = $("picture").width + m.left + m.right, h = $("picture").height + m.top + m.bottom;
-  const note = w % 16 || h % 16 ? ` (the server crops it to ${w - (w % 16)}x${h - (h % 16)}: sides are multiples of 16)` : "";
+  const cw = w - (w % 16), ch = h - (h % 16);
+  const note = w % 16 || h % 16 ? ` (the server crops it to ${cw}x${ch}: sides are multiples of 16)` : "";
+  // said before sending (the server refuses it too, and its message is shown): the model's sides are 256..2048
+  const bad = Math.min(cw, ch) < MIN_SIDE || Math.max(cw, ch) > MAX_SIDE ? ` Too ${Math.max(cw, ch) > MAX_SIDE
+    ? "large" : "small"}: each side must be ${MIN_SIDE}..${MAX_SIDE} px.` : "";
   $("image-info").textContent = `sends a ${w}x${h} picture; the images are that size${note}` +
-    (pic.scaled ? `; scaled down to fit ${MAX_SIDE} px` : "") + ". Paint on it to repaint only there.";
+    (pic.scaled ? `; scaled down to fit ${MAX_SIDE} px` : "") + `. Paint on it to repaint only there.${bad}`;
+  $("image-info").classList.toggle("error", Boolean(bad));
 }
 
 // The larger picture of an outpaint. The new area is filled by stretching the picture's edge pixels outwards
