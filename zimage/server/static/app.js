@@ -53,7 +53,9 @@ function readForm() {
     n: Number($("n").value),
   };
   if (seed !== "") body.seed = Number(seed);
-  return body;
+  const loras = chosenLoras();
+  if (loras.length) body.loras = loras;
+  return { ...body, ...pictureFields() };  // picture.js: image, mask, strength, size "auto"
 }
 
 function fillForm(p) {
@@ -67,6 +69,9 @@ function fillForm(p) {
   $("steps").value = p.steps;
   $("guidance").value = p.guidance;
   $("n").value = p.n;
+  $("lora-chosen").replaceChildren();
+  for (const l of p.loras || []) addLora(l.name, l.scale);
+  markChosen();
   window.scrollTo(0, 0);
 }
 
@@ -80,7 +85,11 @@ $("aspect").addEventListener("change", () => {
 for (const id of ["width", "height"]) $(id).addEventListener("input", () => { $("aspect").value = "custom"; });
 $("randomize").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 2 ** 32); });
 $("api-key").value = localStorage.getItem(KEY_STORE) || "";
-$("api-key").addEventListener("change", () => { localStorage.setItem(KEY_STORE, $("api-key").value.trim()); loadRecent(); });
+$("api-key").addEventListener("change", () => {
+  localStorage.setItem(KEY_STORE, $("api-key").value.trim());
+  loadRecent();
+  loadLoras();
+});
 
 $("form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
@@ -92,6 +101,79 @@ $("form").addEventListener("submit", async (ev) => {
     $("form-error").textContent = e.message;
   }
 });
+
+// ------------------------------------------------------------------ LoRAs
+// GET /v1/loras lists the files requests may name (the server's --lora-dir). Each is added at most once (the
+// server refuses a name given twice) and at most 8 (its limit); a file that failed to read is shown, disabled,
+// with the reason as its tooltip, so that a broken file is not silently missing.
+const MAX_LORAS = 8;
+
+async function loadLoras() {
+  let list;
+  try {
+    list = await api("GET", "/v1/loras");
+  } catch (e) {
+    showLoraNote(`LoRAs: ${e.message}`);
+    return;
+  }
+  const box = $("lora-available");
+  box.replaceChildren();
+  $("lora-chosen").replaceChildren();
+  if (!list.runtime || !list.data.length) {
+    showLoraNote(list.runtime ? "no LoRA files in the server's LoRA folder" : "no LoRAs: the server was started without --lora-dir");
+    return;
+  }
+  showLoraNote("");
+  for (const lora of list.data) box.append(loraButton(lora));
+}
+
+function showLoraNote(text) {
+  $("lora-note").textContent = text;
+  $("lora-note").hidden = !text;
+}
+
+function loraButton(lora) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = "lora-add";
+  b.dataset.lora = lora.name;
+  b.textContent = `+ ${lora.name}`;
+  if (lora.error) {
+    b.disabled = true;
+    b.title = lora.error;
+    b.classList.add("broken");
+  } else {
+    b.title = [lora.layout, lora.rank && `rank ${lora.rank}`, lora.short_hash, lora.merged && "also merged"]
+      .filter(Boolean).join(" · ");
+    b.addEventListener("click", () => addLora(lora.name, 1));
+  }
+  return b;
+}
+
+function addLora(name, scale) {
+  const chosen = $("lora-chosen");
+  if (chosen.querySelector(`[data-lora="${CSS.escape(name)}"]`) || chosen.children.length >= MAX_LORAS) return;
+  const row = $("lora-row").content.firstElementChild.cloneNode(true);
+  row.dataset.lora = name;
+  row.querySelector(".lora-name").textContent = name;
+  const range = row.querySelector(".lora-range"), num = row.querySelector(".lora-scale");
+  range.value = num.value = scale;
+  range.addEventListener("input", () => { num.value = range.value; });
+  num.addEventListener("input", () => { range.value = num.value; });  // the number may go past the slider (|s| <= 10)
+  row.querySelector(".lora-remove").addEventListener("click", () => { row.remove(); markChosen(); });
+  chosen.append(row);
+  markChosen();
+}
+
+// an added LoRA's button is disabled until it is removed again
+function markChosen() {
+  const names = new Set([...$("lora-chosen").children].map((r) => r.dataset.lora));
+  for (const b of $("lora-available").querySelectorAll(".lora-add:not(.broken)")) b.disabled = names.has(b.dataset.lora);
+}
+
+function chosenLoras() {
+  return [...$("lora-chosen").children].map((r) => ({ name: r.dataset.lora, scale: Number(r.querySelector(".lora-scale").value) }));
+}
 
 // ------------------------------------------------------------------ jobs
 function track(job) {
@@ -164,7 +246,13 @@ async function showJob(job) {
     item.querySelector(".params").textContent =
       `${p.prompt} · ${p.width}x${p.height} · seed ${img.seed} · ${p.steps} steps · guidance ${p.guidance}` +
       (p.negative_prompt ? ` · not: ${p.negative_prompt}` : "");
+    if (p.image_sha256) item.querySelector(".params").textContent += ` · from a picture, strength ${p.strength}` + (p.mask_sha256 ? ", masked" : "");
+    if (p.loras && p.loras.length) item.querySelector(".params").textContent += ` · LoRAs ${p.loras.map((l) => `${l.name}:${l.scale}`).join(", ")}`;
     item.querySelector(".reuse").addEventListener("click", () => fillForm({ ...p, seed: img.seed, n: 1 }));
+    item.querySelector(".use-image").addEventListener("click", async () => {
+      await usePicture(await (await fetch(url)).blob());  // picture.js; the blob URL is this page's own copy
+      $("image-box").scrollIntoView();
+    });
     const a = item.querySelector(".download");
     a.href = url;
     a.download = img.id;
@@ -188,3 +276,4 @@ async function loadRecent() {
 
 pollHealth();
 loadRecent();
+loadLoras();
