@@ -261,8 +261,10 @@ class CompileArtifacts:
             from torch.compiler._cache import CacheArtifactManager
 
             need = getattr(CacheArtifactManager, "need_serialize", None)
-            if need is not None and not need():
+            if need is not None and not need() and (self.saves or self.status == "loaded"):
                 return False  # nothing compiled or looked up since the last save: no serialisation cost
+            # (torch records an entry once per process: a second engine's first run may add nothing new, and its
+            # file, absent, stale or corrupt, is still written from what the process holds)
             result = torch.compiler.save_cache_artifacts()
             if result is None:
                 return False
