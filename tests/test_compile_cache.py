@@ -76,7 +76,11 @@ def test_first_compiled_generation_writes_the_artifact_file(first):
 
 def test_a_second_process_loads_it_and_compiles_nothing(first, tiny_folder):
     res, cache, _ = first
-    shutil.rmtree(cache / "inductor")  # only the artifact file is left: every hit below comes from it
+    # inductor's graph caches deleted: every FX-graph / AOTAutograd hit below comes from the artifact file. (Its C++
+    # kernel libraries are kept, only to spare the CPU rebuilding them: the artifact does not carry them, see
+    # BENCHMARKS.md; nothing finds a kernel library without its graph.)
+    for name in ("fxgraph", "aotautograd"):
+        shutil.rmtree(cache / "inductor" / name)
     second = run_child(tiny_folder, cache)
     assert second["status"] == "loaded" and second["loaded"]["inductor"] >= 1 and second["exists_before"]
     assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and not second["inductor"].get("fxgraph_cache_miss")
