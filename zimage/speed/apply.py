@@ -12,6 +12,8 @@
 fallback, a LoRA change), with the placement's plan. It is idempotent and undoes what a new plan forbids: blocks
 compiled under a resident plan run eager again once a plan streams them. Settings that inductor, dynamo and cuDNN
 read process-wide are applied only inside `SpeedSetup.scoped()`, which the engine enters around a generation.
+Compiled setups carry their portable compile artifacts (zimage.speed.compile_cache): loaded inside the first
+`scoped()`, saved by `SpeedSetup.save_compiled()`, which the engine calls after each generation.
 """
 
 from __future__ import annotations
