@@ -2,16 +2,22 @@
 
 Environment isolation: ZIMAGE_CACHE points at a session tmp dir (so `--model tiny-random` builds there), and every
 test gets empty, private HF_HOME / HF_HUB_CACHE / MODELSCOPE_CACHE (no test can see or fill the user's caches),
-with HF_HUB_OFFLINE=1 so nothing can be fetched by accident.
+with HF_HUB_OFFLINE=1 so nothing can be fetched by accident. Inductor's cache is the one thing shared between
+sessions (TORCHINDUCTOR_CACHE_DIR: one folder under the system temp dir; its entries are keyed by their graphs' and
+the build's hashes), so compiled tests do not pay a cold C++/Triton build every session; tests of the compile caches
+themselves unset it (tests/test_compile_cache.py).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+SHARED_INDUCTOR_CACHE = os.path.join(tempfile.gettempdir(), f"zimage-tests-inductor-{os.getuid()}")
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +48,7 @@ def _isolated_env(monkeypatch, tmp_path_factory, zimage_cache_dir):
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("MODELSCOPE_CACHE", str(root / "modelscope"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", SHARED_INDUCTOR_CACHE)
 
 
 @pytest.fixture

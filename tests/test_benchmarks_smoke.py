@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The repository first, then whatever the caller already had on the path (a --target install of diffusers).
 PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 SCRIPTS = ["bench_speed.py", "bench_compile.py", "bench_memory.py", "bench_forward_variants.py", "bench_profile.py",
-           "bench_lora.py", "bench_image.py"]
+           "bench_lora.py", "bench_image.py", "bench_compile_cache.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -23,6 +23,8 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda if present, else mps, else cpu
     dtype: str = "auto"  # auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU
     speed: str = "auto"  # auto | eager | compile: see zimage.speed.apply (auto picks per device, measured)
+    compile_cache: bool = True  # compiled speed: load / save the portable compile artifacts in zimage's cache, so
+    # a later process skips code generation (zimage.speed.compile_cache); ZIMAGE_COMPILE_CACHE=0 turns it off too
     recipe: str = "auto"  # auto | turbo | base: the defaults of steps and guidance (zimage.recipe); auto: by the model
     expected_images: int | None = None  # how many images this process will make (None: many, e.g. a server)
     vram_budget_gib: float | None = None  # memory plan budget; None: free VRAM less a margin (zimage.memory)

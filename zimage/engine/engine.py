@@ -140,7 +140,7 @@ class Engine:
         policy.place(self.parts)
         self.policy = policy
         self.speed_setup = apply_speed(self.parts, self.config.speed, plan, self.config.expected_images,
-                                       self.config.max_text_tokens)
+                                       self.config.max_text_tokens, self.config.compile_cache)
         self.prompts.text_encoder = self.speed_setup.text_encoder
         if self.dtype == torch.float16:  # after apply_speed, which may replace the feed-forward modules it hooks
             from zimage.engine.fp16_guard import install_fp16_guard
@@ -270,8 +270,11 @@ class Engine:
             self.image_encoder()  # loaded and re-planned at the first image input, before the plan is relied on
 
         def run():
-            with self.speed_setup.scoped():
-                return self._generate_many(requests, on_progress, cancels)
+            setup = self.speed_setup
+            with setup.scoped():  # compiled: the portable compile artifacts are loaded before the first run
+                results = self._generate_many(requests, on_progress, cancels)
+            setup.save_compiled()  # and saved after a run that compiled graphs they lack (the first, a new size)
+            return results
 
         return run_with_recovery(run, self.policy.plan, self.sizes, requests, self.device, self.place)
 

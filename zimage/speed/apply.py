@@ -12,6 +12,8 @@
 fallback, a LoRA change), with the placement's plan. It is idempotent and undoes what a new plan forbids: blocks
 compiled under a resident plan run eager again once a plan streams them. Settings that inductor, dynamo and cuDNN
 read process-wide are applied only inside `SpeedSetup.scoped()`, which the engine enters around a generation.
+Compiled setups carry their portable compile artifacts (zimage.speed.compile_cache): loaded inside the first
+`scoped()`, saved by `SpeedSetup.save_compiled()`, which the engine calls after each generation.
 """
 
 from __future__ import annotations
@@ -36,6 +38,35 @@ def compile_cache_dir() -> str:
     return str(zimage_cache() / "inductor")
 
 
+@contextlib.contextmanager
+def inductor_cache_folder():
+    """TORCHINDUCTOR_CACHE_DIR is zimage's folder inside, unless the user chose one; restored after. Inductor writes
+    its default folder into os.environ the first time anything looks one up (importing torch._dynamo.utils does, so
+    does torch.compile's first call): that value is inductor's default, not the user's choice, and is overridden
+    too (then put back as it was)."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    chosen = before is not None and os.path.abspath(before) != _inductor_default_folder()
+    try:
+        if not chosen:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir()
+        yield
+    finally:
+        if not chosen:
+            if before is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+def _inductor_default_folder() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return os.path.abspath(default_cache_dir())
+    except Exception:  # noqa: BLE001 - another torch: every set value counts as the user's
+        return None
+
+
 @dataclass
 class SpeedSetup:
     """What `apply_speed` set up: the mode that runs and what the prompt encoder should call."""
@@ -44,35 +75,39 @@ class SpeedSetup:
     attention_backend: str  # zimage.models.z_image.ATTENTION_BACKENDS
     text_encoder: object  # the plain text encoder, or its CUDA-graph replay (zimage.speed.text_graphs)
     device: object = None  # torch.device the networks run on
+    artifacts: object = None  # zimage.speed.compile_cache.CompileArtifacts: the portable compile cache, or None
 
     @contextlib.contextmanager
     def scoped(self):
         """The process-wide settings compiled code needs, only while a generation runs (then restored): dynamo's
         recompile limit, inductor's cache folder (zimage's own, unless the user set TORCHINDUCTOR_CACHE_DIR), and
-        cuDNN autotuning of the VAE's convolutions (one algorithm search per shape). Eager mode changes nothing."""
+        cuDNN autotuning of the VAE's convolutions (one algorithm search per shape). Eager mode changes nothing.
+        The first compiled run hot-loads the portable compile artifacts first (zimage.speed.compile_cache)."""
         if self.mode != "compile":
             yield
             return
         import torch
 
-        user_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         cudnn = torch.backends.cudnn
-        try:
-            if user_cache is None:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir()
-            with torch._dynamo.config.patch(recompile_limit=limit), cudnn.flags(
-                    enabled=cudnn.enabled, benchmark=self.device is not None and self.device.type == "cuda",
-                    deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
-                yield
-        finally:
-            if user_cache is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        with inductor_cache_folder(), torch._dynamo.config.patch(recompile_limit=limit), cudnn.flags(
+                enabled=cudnn.enabled, benchmark=self.device is not None and self.device.type == "cuda",
+                deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
+            if self.artifacts is not None:
+                self.artifacts.load()  # once: before the first compiled call, into the folder it compiles with
+            yield
+
+    def save_compiled(self) -> bool:
+        """After a compiled run (the engine calls it when a generation finished): write the portable compile
+        artifacts if the run compiled graphs the file does not hold yet (zimage.speed.compile_cache)."""
+        return self.artifacts.save() if self.artifacts is not None else False
 
 
-def apply_speed(parts, mode: str, plan, expected_images: int | None = None, max_text_tokens: int = 512) -> SpeedSetup:
+def apply_speed(parts, mode: str, plan, expected_images: int | None = None, max_text_tokens: int = 512,
+                compile_cache: bool = True) -> SpeedSetup:
     """Configure the placed networks `parts` (zimage.memory.policy.Parts) for `mode` under `plan`; `max_text_tokens`
-    is the prompt encoder's limit (the largest text-graph bucket)."""
+    is the prompt encoder's limit (the largest text-graph bucket). `compile_cache`: load and save the portable
+    compile artifacts (zimage.speed.compile_cache; ZIMAGE_COMPILE_CACHE=0 turns them off too)."""
     from zimage.models.z_image import NATIVE
     from zimage.speed.attention import choose_attention_backend, set_attention_backend
     from zimage.speed.text_graphs import graphed_text_encoder
@@ -109,7 +144,16 @@ def apply_speed(parts, mode: str, plan, expected_images: int | None = None, max_
     text = graphed_text_encoder(parts.text_encoder, device, plan, max_text_tokens) if concrete == "compile" else None
     if text is not None:
         log.info("text encoder: CUDA graphs per prompt-length bucket, captured on first use")
-    return SpeedSetup(concrete, backend, text if text is not None else parts.text_encoder, device)
+    artifacts = None
+    if concrete == "compile":
+        from zimage.speed import compile_cache as portable
+
+        if portable.enabled(compile_cache):
+            artifacts = portable.CompileArtifacts(*portable.compile_key(transformer, parts.vae, device, {
+                "mode": concrete, "attention": backend, "recompile_limit": RECOMPILE_LIMIT, "fullgraph": True,
+                "fused": hasattr(transformer.blocks()[0].attention, "to_qkv"),
+                "graphs": ["blocks"] + (["vae_decoder"] if device.type == "cuda" else [])}))
+    return SpeedSetup(concrete, backend, text if text is not None else parts.text_encoder, device, artifacts)
 
 
 def compile_blocks(transformer, vae, device) -> None:
@@ -117,13 +161,14 @@ def compile_blocks(transformer, vae, device) -> None:
     at the first call of each new shape, inside SpeedSetup.scoped()."""
     import torch
 
-    for block in transformer.blocks():
-        block.compile(fullgraph=True)
-    if device.type == "cuda":
-        vae.to(memory_format=torch.channels_last)  # NHWC: cuDNN's fast layout for bf16 convolutions
-        vae.decoder.compile()  # fuses GroupNorm + SiLU around the convolutions
-    log.info("transformer blocks compiled (first image of each new size compiles; cache: %s)",
-             os.environ.get("TORCHINDUCTOR_CACHE_DIR") or compile_cache_dir())
+    with inductor_cache_folder():  # torch.compile's first call looks inductor's folder up (and sets it)
+        for block in transformer.blocks():
+            block.compile(fullgraph=True)
+        if device.type == "cuda":
+            vae.to(memory_format=torch.channels_last)  # NHWC: cuDNN's fast layout for bf16 convolutions
+            vae.decoder.compile()  # fuses GroupNorm + SiLU around the convolutions
+        folder = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    log.info("transformer blocks compiled (first image of each new size compiles; cache: %s)", folder)
 
 
 def uncompile(transformer, vae) -> None:
