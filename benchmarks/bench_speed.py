@@ -27,8 +27,8 @@ from common import (DEFAULT_MODEL_DIR, cuda_ms, device, ensure_full_model, envir
 MAIN = (1024, 1024)
 SIZES = [(512, 512), (768, 768), (1280, 720), (1536, 1536)]
 STEPS = (8, 9)  # transformer forwards per image: the official Turbo recipe, and the old default
-FLOP_PER_FORWARD_1024 = 5.5e13  # DESIGN.md: one forward at 4096 image + ~30 caption tokens
-PEAK_TFLOPS = 790.0  # measured bf16 matmul rate of an H100/H200 here (KINDS.md)
+FLOP_PER_FORWARD_1024 = 5.5e13  # one forward at 4096 image + ~30 caption tokens: 2 x 6.15e9 params x ~4.1k tokens + attention
+PEAK_TFLOPS = 790.0  # bf16 matmul rate measured on the H200 these benchmarks ran on (large square GEMMs)
 
 
 def rel_l2(a, b) -> float:

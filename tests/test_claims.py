@@ -90,3 +90,18 @@ def test_same_seed_in_a_batch_differs_from_alone_by_at_most_one_level_in_few_val
         differing += int((d > 0).sum())
         total += d.size
     assert differing / total < 1e-3
+
+
+def test_no_file_cites_documents_outside_the_repository():
+    """Facts are stated where they are used: no code, test or doc points at notes that are not in the repository
+    (the design notes and the device's machine notes live outside it)."""
+    root = Path(__file__).resolve().parents[1]
+    outside = ("DESIGN.md", "KINDS.md", "METHOD.md", "HOPPER.md", "H200.md")
+    cited = []
+    for path in [*root.glob("zimage/**/*.py"), *root.glob("benchmarks/*.py"), *root.glob("tests/**/*.py"),
+                 *root.glob("*.md"), *root.glob("docs/*.md"), *root.glob("deploy/*")]:
+        if path.resolve() == Path(__file__).resolve():
+            continue
+        text = path.read_text(errors="replace")
+        cited += [f"{path.relative_to(root)}: {name}" for name in outside if name in text]
+    assert not cited, cited

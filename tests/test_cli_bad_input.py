@@ -114,6 +114,8 @@ CASES = {
         ("--height", 240, "height must be between 256 and 2048, got 240"),
         ("--width", 4096, "width must be between 256 and 2048, got 4096"),
         ("--height", 2064, "height must be between 256 and 2048, got 2064"),
+        ("--vram-budget", -1, "--vram-budget must be a positive number of GiB, got -1.0"),  # as zimage plan says
+        ("--vram-budget", 0, "--vram-budget must be a positive number of GiB, got 0.0"),
         ("--steps", 0, "steps must be between 1 and 100, got 0"),
         ("--steps", -3, "steps must be between 1 and 100, got -3"),
         ("--steps", 101, "steps must be between 1 and 100, got 101"),

@@ -115,3 +115,32 @@ def test_compile_is_kept_when_the_whole_transformer_is_resident(tiny_folder, mon
     plan = type("Plan", (), {"kind": kind, "transformer_streamed": 0, "weight_dtype": "bf16"})()
     monkeypatch.setattr(speed_apply, "compile_blocks", lambda *a: None)  # the choice is under test, not inductor
     assert speed_apply.apply_speed(engine.parts, "compile", plan).mode == "compile"
+
+
+def test_compile_settings_are_scoped_to_a_generation_and_restored(monkeypatch, tmp_path):
+    """Compile mode's process-wide settings (dynamo's recompile limit, inductor's cache folder, cuDNN autotuning)
+    hold only inside SpeedSetup.scoped() and are put back after, also when the body raises; a folder the user
+    chose is kept; eager mode touches nothing."""
+    import os
+
+    import torch
+
+    from zimage.speed.apply import RECOMPILE_LIMIT, SpeedSetup, compile_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    limit, benchmark = torch._dynamo.config.recompile_limit, torch.backends.cudnn.benchmark
+    setup = SpeedSetup("compile", "native", None, device=torch.device("cuda"))  # (no CUDA needed: flags only)
+    with pytest.raises(RuntimeError, match="inside"):
+        with setup.scoped():
+            assert torch._dynamo.config.recompile_limit == max(limit, RECOMPILE_LIMIT)
+            assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == compile_cache_dir()
+            assert torch.backends.cudnn.benchmark is True
+            raise RuntimeError("inside")
+    assert torch._dynamo.config.recompile_limit == limit and torch.backends.cudnn.benchmark == benchmark
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    with setup.scoped():
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")  # the user's choice stands
+    with SpeedSetup("eager", "native", None).scoped():
+        assert torch._dynamo.config.recompile_limit == limit and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(
+            tmp_path / "mine")

@@ -78,11 +78,18 @@ def model_sizes_of(checked: dict, target: Target, config: EngineConfig):
 
 def planning_target(config: EngineConfig) -> Target:
     """The target a plan is shown for (`zimage plan`, `zimage info`): the engine's, except that `--device auto` on a
-    machine without a GPU plans for a CUDA GPU in bf16 (what the plan is for: the machine that will run it)."""
+    machine without a GPU plans for a CUDA GPU (what the plan is for: the machine that will run it), in the dtype
+    asked for (auto: bf16; with fp16 the VAE runs in fp32, as resolve_target does)."""
     import torch
 
     if config.device == "auto" and not torch.cuda.is_available():
-        return Target(torch.device("cuda"), torch.bfloat16, torch.bfloat16)
+        table = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        if config.dtype not in table:
+            from zimage.engine.device import resolve_dtype
+
+            resolve_dtype(config.dtype, torch.device("cpu"))  # raises the engine's own error naming the choices
+        dtype = table[config.dtype]
+        return Target(torch.device("cuda"), dtype, torch.float32 if dtype == torch.float16 else dtype)
     return resolve_target(config)
 
 

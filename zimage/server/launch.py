@@ -16,11 +16,12 @@ def serve(settings: ServerSettings, engine=None) -> None:
     import uvicorn
 
     from zimage.server.app import create_app
+    from zimage.server.protocol import http_protocol
 
     _configure_logging(settings.log_level)
     app = create_app(settings, engine=engine)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, http=http_protocol())
 
 
 @dataclass
@@ -63,12 +64,13 @@ def start_in_thread(settings: ServerSettings, engine=None, ready: bool = True) -
     import uvicorn
 
     from zimage.server.app import create_app
+    from zimage.server.protocol import http_protocol
 
     if settings.port == 0:
         settings.port = free_port(settings.host)
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, http=http_protocol())
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="zimage-uvicorn", daemon=True)
     thread.start()
