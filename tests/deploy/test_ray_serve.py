@@ -92,42 +92,71 @@ def all_running(url, ids, min_step=3):
                and j["progress"]["phase"] == "denoise" for j in jobs)
 
 
-def kill_mid_batch(deployed, kill):
+def kill_mid_batch(deployed, kill, attempts=3):
     """Four slow jobs, two on each replica (max_ongoing_requests=2) running as one batch (batch_wait), one of them
-    a synchronous openai call; once all run, `kill()`. Returns (job ids, their event streams, the sync response or its error)."""
+    a synchronous openai call; once all run, `kill()`. Returns (job ids, their event streams, the sync response or
+    its error). On a loaded machine the four do not always overlap (a replica may start its first job alone and
+    the second after it): then that round is let finish and another is sent, up to `attempts`; only a round whose
+    four jobs all ran at once is killed and checked."""
+    for attempt in range(attempts):
+        round_ = start_four(deployed.url, attempt)
+        if round_.wait_all_running(timeout=90):
+            break
+        round_.finish()  # the precondition was not met: nothing was killed, nothing to check
+    else:
+        pytest.fail(f"in {attempts} rounds the four jobs never ran at once")
+    kill()
+    assert httpx.get(deployed.url + "/health", timeout=10).status_code == 200  # the ingress stays up
+    round_.finish()
+    return round_.ids + round_.sync_ids, round_.streams, round_.sync
+
+
+class Round:
+    def __init__(self, url, ids, streams, sync, threads, sync_prompt):
+        self.url, self.ids, self.streams, self.sync, self.threads = url, ids, streams, sync, threads
+        self.sync_prompt, self.sync_ids = sync_prompt, []
+
+    def wait_all_running(self, timeout) -> bool:
+        """True once the four run at once; False when one finished first (this round cannot overlap any more)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            listed = httpx.get(f"{self.url}/v1/jobs?limit=20").json()["data"]
+            self.sync_ids = [j["id"] for j in listed if j["params"]["prompt"] == self.sync_prompt][:1]
+            jobs = [httpx.get(f"{self.url}/v1/jobs/{i}", timeout=10).json() for i in self.ids + self.sync_ids]
+            if any(j["status"] in ("succeeded", "failed", "cancelled") for j in jobs):
+                return False
+            if self.sync_ids and all_running(self.url, self.ids + self.sync_ids):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def finish(self):
+        for t in self.threads:
+            t.join(300)
+
+
+def start_four(url, attempt) -> Round:
     from openai import OpenAI
 
-    url = deployed.url
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
     sync: dict = {}
+    sync_prompt = f"sync {attempt}"
 
     def sync_call():
         try:
-            sync["response"] = client.images.generate(prompt="sync", size=SLOW_SIZE, response_format="b64_json",
+            sync["response"] = client.images.generate(prompt=sync_prompt, size=SLOW_SIZE, response_format="b64_json",
                                                       extra_body={"seed": 7, "num_inference_steps": SLOW})
         except Exception as e:  # noqa: BLE001 - examined by the test
             sync["error"] = e
 
     caller = threading.Thread(target=sync_call, daemon=True)
     caller.start()
-    ids = [submit_slow(url, i) for i in range(3)]  # within the replicas' batch_wait: two batches of two
+    ids = [submit_slow(url, 10 * attempt + i) for i in range(3)]  # within the replicas' batch_wait: two batches of two
     streams = {i: [] for i in ids}
     readers = [threading.Thread(target=events, args=(url, i, streams[i]), daemon=True) for i in ids]
     for t in readers:
         t.start()
-    deadline = time.monotonic() + 240
-    while True:
-        listed = httpx.get(f"{url}/v1/jobs?limit=10").json()["data"]
-        sync_ids = [j["id"] for j in listed if j["params"]["prompt"] == "sync" and j["status"] != "succeeded"][:1]
-        if sync_ids and all_running(url, ids + sync_ids):
-            break
-        assert time.monotonic() < deadline, "the four jobs never all ran"
-        time.sleep(0.05)
-    kill()
-    assert httpx.get(url + "/health", timeout=10).status_code == 200  # the ingress stays up
-    for t in readers + [caller]:
-        t.join(300)
-    return ids + sync_ids, streams, sync
+    return Round(url, ids, streams, sync, readers + [caller], sync_prompt)
 
 
 def check_every_job_finished_once(deployed, ids, streams, sync):
