@@ -3,12 +3,12 @@ or written (no job, no file: neither an image nor an input picture)."""
 
 import base64
 import json
-import socket
 
 import httpx
 import pytest
 
 from tests.server.pictures import animated_gif, black_mask, bomb, bw_mask, picture, truncated
+from tests.server.test_server_limits import head_only
 from zimage.server.inputs import base64_length
 
 KEY = "edits-bad-inputs-key-0123"
@@ -154,19 +154,8 @@ def test_chunked_multipart_upload_over_the_limit_is_413_and_stopped_early(live, 
 
 def test_edit_without_the_key_is_401_before_the_body_is_read(live):
     """The head of a chunked multipart edit and no body: the 401 arrives anyway."""
-    host, port = live.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                  b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
-        data = b""
-        try:
-            while b"\r\n\r\n" not in data or not data.endswith(b"}"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except socket.timeout:
-            pass
+    data = head_only(live, b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                           b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 401 "), data[:200]
     assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "missing_api_key"
 
