@@ -390,6 +390,39 @@ def test_retention_by_bytes_removes_least_recently_fetched_first(store):
     assert sweep(store, Retention(max_bytes=50, grace_s=0))["unfetched_bytes_over"] == 50  # only job 0 could go
 
 
+def test_retention_removes_an_input_picture_once_no_job_names_it(store, tmp_path):
+    """Input pictures (one file per digest, shared by every job with that picture) go with the last job naming
+    them; a fresh one (a job about to be committed writes its file first) and one a live job names stay."""
+    import hashlib
+    import os
+
+    from zimage.server.inputs import input_name
+
+    digest = {k: hashlib.sha256(k.encode()).hexdigest() for k in ("shared", "mask", "fresh")}
+    for k, d in digest.items():
+        store.files.write(input_name(d), k.encode())
+    pic = {"image_sha256": digest["shared"], "strength": 0.6}
+    old = store.add({**params(1), **pic, "mask_sha256": digest["mask"]})
+    store.start([old.id])
+    finish(store, old)
+    store.read_image(store.get(old.id).images[0]["id"])
+    live = store.add({**params(2), **pic})  # queued: keeps the shared picture
+    folder = tmp_path / "images"
+    for k in ("shared", "mask"):
+        os.utime(folder / input_name(digest[k]), (time.time() - 120, time.time() - 120))
+    time.sleep(0.3)
+    result = sweep(store, Retention(max_age_s=0.2, grace_s=60))
+    assert result["jobs"] == 0  # the finished job was fetched within the grace period: it stays, and its files
+    os.utime(folder / input_name(digest["fresh"]), (time.time() - 120, time.time() - 120))
+    store.files.write(input_name(digest["fresh"]), b"fresh")  # written again just now: within the grace period
+    result = sweep(store, Retention(max_age_s=0.2, grace_s=0.1))
+    names = {p.name for p in folder.iterdir()}
+    assert result["jobs"] == 1 and store.get(old.id) is None and store.get(live.id) is not None
+    assert input_name(digest["shared"]) in names  # the queued job still names it
+    assert input_name(digest["mask"]) not in names and result["inputs"] == 1  # only the deleted job named it
+    assert input_name(digest["fresh"]) in names  # no row names it yet, but it was written within grace_s
+
+
 def test_nothing_used_within_the_grace_period_is_removed(store):
     fetched_job(store, 1)
     assert sweep(store, Retention(max_bytes=1, grace_s=60))["jobs"] == 0
@@ -404,10 +437,10 @@ def test_retention_runs_in_the_background_and_removes_orphans_at_start(open_stor
     store = open_store(retention=Retention(max_age_s=0.2, interval_s=0.1, grace_s=0))
     assert not orphan.exists()
     deadline = time.monotonic() + 10
-    while store.get(job.id) is not None:
-        assert time.monotonic() < deadline, "the background sweep never removed the job"
+    image = tmp_path / "images" / f"{job.id}-0.png"
+    while store.get(job.id) is not None or image.exists():  # the row goes first, then its files
+        assert time.monotonic() < deadline, "the background sweep never removed the job and its image"
         time.sleep(0.05)
-    assert not (tmp_path / "images" / f"{job.id}-0.png").exists()
 
 
 # ---------------------------------------------------------------- backend specifics

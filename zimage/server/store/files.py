@@ -124,6 +124,17 @@ class ImageFiles:
                 pass
         return removed
 
+    def age_s(self, name: str, now: float | None = None) -> float | None:
+        """Seconds since the file was last written (None: the storage does not say, or the file is gone)."""
+        try:
+            if self.local is not None:
+                mtime = (self.local / name).stat().st_mtime
+            else:
+                mtime = _mtime(self._fs.info(f"{self._root}/{name}"))
+        except FileNotFoundError:
+            return None
+        return None if mtime is None else (time.time() if now is None else now) - mtime
+
     def names(self) -> list[str]:
         """Every file name in the storage (images and .part files)."""
         if self.local is not None:

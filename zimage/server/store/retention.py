@@ -92,9 +92,25 @@ def sweep(store, policy: Retention) -> dict:
         if over > 0:
             log.warning("retention: images total %d bytes over the %d-byte budget; the rest are not fetched yet "
                         "or were used in the last %.0f s", over, policy.max_bytes, policy.grace_s)
-    if deleted_jobs:
-        log.info("retention: deleted %d job(s), %d bytes of images", deleted_jobs, freed)
-    return {"jobs": deleted_jobs, "bytes": freed, "unfetched_bytes_over": max(0, over)}
+    inputs = remove_unused_inputs(store, policy.grace_s)  # (every sweep: also those a crash left behind)
+    if deleted_jobs or inputs:
+        log.info("retention: deleted %d job(s), %d bytes of images, %d input picture(s)", deleted_jobs, freed, inputs)
+    return {"jobs": deleted_jobs, "bytes": freed, "inputs": inputs, "unfetched_bytes_over": max(0, over)}
+
+
+def remove_unused_inputs(store, grace_s: float) -> int:
+    """Input pictures (`input-<sha256>`, zimage/server/inputs.py) that no job row names any more. One file serves
+    every job with the same picture, so a file goes only when the last such job is deleted; a file written in the
+    last `grace_s` seconds stays (a job that uploads the same picture now writes its file before its row exists)."""
+    from zimage.server.inputs import INPUT_NAME
+
+    names = [n for n in store.files.names() if INPUT_NAME.match(n)]
+    if not names:
+        return 0
+    named = store.db.input_digests()
+    unused = [n for n in names if n.removeprefix("input-") not in named]
+    old = [n for n in unused if (age := store.files.age_s(n)) is not None and age > grace_s]
+    return store.files.delete(old)
 
 
 def remove_orphans(store) -> int:

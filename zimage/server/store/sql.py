@@ -266,6 +266,16 @@ class SqlJobs:
     def set_bytes(self, job_id: str, nbytes: int) -> None:
         self._once(lambda run: run("UPDATE jobs SET bytes=? WHERE id=?", (nbytes, job_id)))
 
+    def input_digests(self) -> set[str]:
+        """The sha256 of every input picture and mask that a job row names (params image_sha256 / mask_sha256)."""
+        rows = self._once(lambda run: run("SELECT params FROM jobs WHERE params LIKE ?", ("%sha256%",)).fetchall(),
+                          True)
+        found: set[str] = set()
+        for (params,) in rows:
+            p = json.loads(params)
+            found.update(d for d in (p.get("image_sha256"), p.get("mask_sha256")) if d)
+        return found
+
     def existing(self, job_ids: list[str]) -> set[str]:
         """Which of `job_ids` have a row."""
         found: set[str] = set()
