@@ -37,11 +37,15 @@ def test_flags_and_env_key(tmp_path):
     s = serve.settings_from_args(parse("--url-ttl", "60"), environ={"ZIMAGE_URL_SECRET": "e" * 32})
     assert s.url_ttl_s == 60 and s.url_secret == "e" * 32
     assert serve.settings_from_args(parse("--api-key", "flag"), environ={"ZIMAGE_API_KEY": "env"}).api_key == "flag"
+    assert s.max_upload_bytes == 51 * 2**20  # the default: two 25 MiB files and their fields
+    assert serve.settings_from_args(parse("--max-upload-mb", "8"), environ={}).max_upload_bytes == 8 * 2**20
 
 
 @pytest.mark.parametrize("argv,param", [(("--default-size", "100x100"), "default-size"),
                                         (("--max-batch", "0"), "max-batch"), (("--port", "70000"), "port"),
-                                        (("--url-ttl", "-1"), "url-ttl"), (("--url-secret", "short"), "url-secret")])
+                                        (("--url-ttl", "-1"), "url-ttl"), (("--url-secret", "short"), "url-secret"),
+                                        (("--max-upload-mb", "0.5"), "max-upload-mb"),
+                                        (("--max-upload-mb", "4096"), "max-upload-mb")])
 def test_bad_flags_are_usage_errors(argv, param):
     with pytest.raises(UsageError) as e:
         serve.settings_from_args(parse(*argv), environ={})

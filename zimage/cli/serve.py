@@ -14,6 +14,7 @@ DEFAULT_LORA_SLOTS = 4  # with --lora-dir: a batch mixes up to 4 sets (at rank 6
 def register(subparsers) -> None:
     from zimage.cli.common import add_model_flags
     from zimage.engine.config import MAX_LORA_SLOTS, EngineConfig
+    from zimage.server.settings import ServerSettings
 
     p = subparsers.add_parser(
         "serve", help="run the HTTP server (OpenAI-compatible API, jobs, web page)",
@@ -43,6 +44,9 @@ def register(subparsers) -> None:
     g.add_argument("--data-dir", type=Path, default=None,
                    help="where jobs.db and images/ live (default: $ZIMAGE_DATA_DIR, else ~/.local/share/zimage)")
     g.add_argument("--max-queue", type=int, default=64, help="waiting jobs before 429 (default: %(default)s)")
+    g.add_argument("--max-upload-mb", type=float, default=ServerSettings.max_upload_bytes / 2**20, metavar="MiB",
+                   help="largest body of an image edit (picture + mask + fields; POST /v1/jobs with base64 pictures "
+                        "may be 4/3 of it), 413 beyond; other bodies stay at 1 MiB (default: %(default)g)")
     g.add_argument("--max-batch", type=int, default=8,
                    help="images per engine call when batching compatible jobs (default: %(default)s)")
     g.add_argument("--batch-wait", type=float, default=0.0, metavar="SECONDS",
@@ -102,6 +106,9 @@ def settings_from_args(args, environ=os.environ):
                              ("max-batch", args.max_batch, 1)):
         if not low <= value <= 65535:
             raise UsageError(f"--{flag} must be between {low} and 65535, got {value}", param=flag)
+    if not 1 <= args.max_upload_mb <= 1024:
+        raise UsageError(f"--max-upload-mb must be between 1 and 1024 MiB, got {args.max_upload_mb:g}",
+                         param="max-upload-mb")
     if args.batch_wait < 0:
         raise UsageError("--batch-wait must be >= 0", param="batch-wait")
     if args.url_ttl < 0:
@@ -121,7 +128,7 @@ def settings_from_args(args, environ=os.environ):
         api_key=args.api_key or environ.get(API_KEY_ENV) or None,
         engine=replace(engine_config(args, show_progress=False), **lora_options(args)),  # expected_images None:
         # a server makes many
-        max_queue=args.max_queue, max_batch=args.max_batch,
+        max_queue=args.max_queue, max_batch=args.max_batch, max_upload_bytes=int(args.max_upload_mb * 2**20),
         batch_wait_s=args.batch_wait, default_size=size("default-size", args.default_size),
         warmup_size=None if args.warmup_size.lower() == "none" else size("warmup-size", args.warmup_size),
         cors_origins=tuple(args.cors_origin), public_url=args.public_url, url_ttl_s=args.url_ttl,
