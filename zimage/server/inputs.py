@@ -100,9 +100,9 @@ class JobInputs:
             if data is not None:
                 from hashlib import sha256
 
-                name = input_name(sha256(data).hexdigest())
-                if store.files.size(name) != len(data):  # content-addressed: present and whole means the same bytes
-                    store.files.write(name, data)
+                # Written even when present (content-addressed: the same bytes): the fresh write time keeps
+                # retention from removing it before this job's row names it (remove_unused_inputs' grace period).
+                store.files.write(input_name(sha256(data).hexdigest()), data)
 
 
 def with_stored_inputs(req: GenerateRequest, params: dict, store) -> GenerateRequest:
