@@ -160,6 +160,11 @@ def test_a_painted_stroke_is_sent_as_a_white_mask_with_strength_one(page, pictur
     params = page.last_job()["params"]
     assert params["image_sha256"] == hashlib.sha256(image).hexdigest()
     assert params["mask_sha256"] == sha256(body["mask"]) and params["strength"] == 1.0
+    assert "mask_blur" not in body and params["mask_blur"] == 0
+    p.fill("#mask-blur", "6")  # a softened outline: sent with the mask, recorded by the job
+    body = page.generate()
+    page.wait_result(2, 256)
+    assert body["mask_blur"] == 6 and page.last_job()["params"]["mask_blur"] == 6
 
 
 def test_invert_clear_eraser_and_a_chosen_strength(page, picture_file):

@@ -208,7 +208,11 @@ function pictureFields() {
   if (!pic.loaded) return {};
   const m = margins(), bits = maskBits();
   const fields = { size: "auto", strength: Number($("strength").value), image: paddedPicture(m).toDataURL("image/png") };
-  if (hasMargins() || bits.includes(1)) fields.mask = maskPicture(m, bits).toDataURL("image/png");
+  if (hasMargins() || bits.includes(1)) {
+    fields.mask = maskPicture(m, bits).toDataURL("image/png");
+    const blur = Number($("mask-blur").value);  // only with a mask: without one the server refuses mask_blur
+    if (blur > 0) fields.mask_blur = blur;
+  }
   return fields;
 }
 
