@@ -213,6 +213,32 @@ def test_openai_client_jobs_and_events_through_the_ingress(deployed):
     assert httpx.delete(f"{url}/v1/jobs/{slow}").status_code in (200, 409)
 
 
+def test_an_image_edit_runs_through_the_ingress_as_on_one_machine(deployed, engine, tmp_path):
+    """OpenAI's images.edit (multipart picture and alpha mask) through the ingress: the picture travels with the
+    request to a replica and the job records its hashes; the image is the local engine's, to float noise across
+    processes."""
+    import numpy as np
+    from openai import OpenAI
+
+    from tests.server.pictures import alpha_mask, bw_mask, picture, pixels
+    from zimage.request import GenerateRequest
+
+    (tmp_path / "photo.png").write_bytes(picture())
+    (tmp_path / "alpha.png").write_bytes(alpha_mask())
+    client = OpenAI(base_url=deployed.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    with open(tmp_path / "photo.png", "rb") as image, open(tmp_path / "alpha.png", "rb") as mask:
+        r = client.images.edit(image=image, mask=mask, prompt="a red fox", size="256x256", response_format="b64_json",
+                               extra_body={"seed": 5, "num_inference_steps": STEPS, "strength": 0.8})
+    served = pixels(base64.b64decode(r.data[0].b64_json))
+    (tmp_path / "mask.png").write_bytes(bw_mask())
+    want = engine.generate(GenerateRequest(prompts=("a red fox",), image=tmp_path / "photo.png",
+                                           mask=tmp_path / "mask.png", strength=0.8, steps=STEPS, guidance=0.0,
+                                           seed=5)).images[0].image
+    assert np.abs(served - np.asarray(want, dtype=np.int16)).max() <= 2
+    [job] = httpx.get(deployed.url + "/v1/jobs?limit=1").json()["data"]
+    assert job["params"]["image_sha256"] and job["params"]["mask_sha256"] and job["params"]["strength"] == 0.8
+
+
 def test_the_same_routes_and_error_bodies_as_zimage_serve(deployed, engine):
     from fastapi.testclient import TestClient
 
