@@ -149,7 +149,7 @@ def test_a_foreign_error_travels_as_a_plain_runtime_error(fresh, loop):
 
 
 def test_plan_groups_splits_by_key_lora_slots_and_the_memory_plans_limit():
-    from zimage.deploy.engine_replica import plan_groups
+    from zimage.engine.batching import plan_groups
 
     def r(size=256, loras=(), n=1, strength=None):
         return GenerateRequest(prompts=("x",), width=size, height=size, steps=2, n=n, seed=1, loras=loras)
@@ -163,6 +163,10 @@ def test_plan_groups_splits_by_key_lora_slots_and_the_memory_plans_limit():
     assert plan_groups([r(), r(), r(), r(n=3), r()], 4, lambda q: 2) == [[0, 1], [2, 4], [3]]
     # no runtime slots: a LoRA set runs alone (the engine refuses per-request sets then; its error reaches the call)
     assert plan_groups([r(loras=(a,)), r(loras=(b,))], 0, lambda q: 8) == [[0], [1]]
+    # a queue that runs one call at a time (zimage serve's worker): only the head's call, and only its key asked
+    asked = []
+    assert plan_groups(reqs, 2, lambda q: asked.append(q.width) or 8, first_only=True) == [[0, 1, 2, 3, 6]]
+    assert asked == [256]
 
 
 def test_a_call_tagged_with_a_lora_set_reads_it_first_and_a_bad_one_is_that_calls_error(fresh, loop, monkeypatch):

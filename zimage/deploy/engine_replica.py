@@ -5,7 +5,7 @@ Calls arrive one request each (`generate`, a streaming method: Serve's router sp
 them for autoscaling and holds back what exceeds `max_ongoing_requests`). `@serve.batch` gathers the calls that
 wait on one replica into a batch; requests that cannot share an engine call (another size, step count, guidance
 or kind of picture input, more LoRA sets than the runtime slots, more images than the memory plan fits) run one
-group after another within it (plan_groups). Each call's stream yields, in order:
+group after another within it (zimage.engine.batching.plan_groups, as zimage serve's worker). Each call's stream yields, in order:
     ("started", {"pid"})                 its engine call began (a failure before this was not a run)
     ("progress", {"phase", "step", "total", "latents"})   at step boundaries (not every one: see on_progress);
                                          latents (n, 3, <=64, <=64) at quarter steps, for previews, while no
@@ -127,6 +127,8 @@ class EngineReplica:
     async def _batched(self, calls: list[_Call]):
         """Yields one item per call each time (Serve's streaming batch protocol): the call's next event, None
         for a call whose group is not running, StopIteration for a call already answered."""
+        from zimage.engine.batching import plan_groups
+
         engine = self.engine
         finished: set[int] = set()
         for members in plan_groups([c.request for c in calls], engine.config.lora_slots,
@@ -185,32 +187,6 @@ class EngineReplica:
             yield {i: ("error", _portable(e)) for i in members}
             return
         yield {i: ("result", result) for i, result in zip(members, results)}
-
-
-def plan_groups(requests, lora_slots: int, limit) -> list[list[int]]:
-    """The engine calls a batch of requests runs as: lists of indices into `requests`, in arrival order. A call holds
-    requests of one GenerateRequest.batch_key (size, steps, guidance, picture kind, strength), at most `lora_slots`
-    different per-request LoRA sets (the engine's runtime slots) and at most `limit(request)` images (what the
-    memory plan fits: Engine.batch_limit); a request over that limit runs alone, whole (as zimage serve's worker)."""
-    calls: list[tuple[tuple, list[int], list[int], set]] = []  # (batch key, members, [images], LoRA sets)
-    for i, r in enumerate(requests):
-        key, lora_set = r.batch_key(), tuple(sorted((s.name, s.scale) for s in r.loras))
-
-        def fits(call) -> bool:
-            k, members, images, sets = call
-            new_set = bool(lora_set) and lora_set not in sets
-            return k == key and images[0] + r.num_images <= limit(r) and not (new_set and len(sets) >= lora_slots)
-
-        call = next((c for c in calls if fits(c)), None)  # the first call it fits in (arrival order otherwise)
-        if call is None:
-            call = (key, [], [0], set())
-            calls.append(call)
-        call[1].append(i)
-        call[2][0] += r.num_images
-        if lora_set:
-            call[3].add(lora_set)
-    groups = [members for _, members, _, _ in calls]
-    return groups
 
 
 def _shrink(latents):

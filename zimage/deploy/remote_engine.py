@@ -196,4 +196,6 @@ def lora_set_id(loras) -> str:
     replica reads it back: zimage.deploy.engine_replica._hold_lora_set)."""
     import json
 
-    return json.dumps(sorted([spec.name, spec.scale] for spec in loras))
+    from zimage.engine.batching import lora_set
+
+    return json.dumps(lora_set(loras))

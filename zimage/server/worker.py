@@ -1,10 +1,11 @@
 """One worker thread owns the engine: it loads and warms it, then runs queued jobs, batching compatible ones.
 
 Scheduling: FIFO. The job at the head of the queue always runs next (nothing starves); queued jobs that share
-its width, height, steps and guidance join its batch, oldest first, up to `max_batch` images and at most what the
-engine's memory plan fits at that size (Engine.batch_limit), and with at most `lora_slots` different LoRA sets
-(the engine's runtime slots mix sets in one batch). Each image keeps its own seed, caption and LoRAs, so batching
-changes no image beyond float rounding (see docs/server.md).
+its batch key (size, steps, guidance, picture kind) join its batch, oldest first, up to `max_batch` images and at
+most what the engine's memory plan fits at that size (Engine.batch_limit), with at most `lora_slots` different LoRA
+sets (the engine's runtime slots mix sets in one batch): zimage.engine.batching, the rule Ray replicas use too.
+Each image keeps its own seed, caption and LoRAs, so batching changes no image beyond float rounding (see
+docs/server.md).
 Cancellation: a queued job leaves the queue at once; a running one leaves its batch at the next step boundary.
 Finished images are encoded (PNG ~0.15 s per 1024x1024 image) and stored by a small thread pool, not by the worker:
 the GPU starts the next batch at once (a job stays 'running' in the store until its files are written).
@@ -19,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from zimage.engine.batching import plan_groups
 from zimage.errors import ZImageError
 from zimage.request import GenerateRequest
 from zimage.server.jobs import JobRecord, JobStore
@@ -58,16 +60,6 @@ class _Pending:
     submitted: float  # time.time()
     cancel: threading.Event = field(default_factory=threading.Event)  # user cancel or server shutdown
 
-    @property
-    def key(self):  # jobs with equal keys can share an engine call (size, steps, guidance, picture kind, strength;
-        # LoRA sets aside: see lora_set)
-        return self.request.batch_key()
-
-    @property
-    def lora_set(self) -> tuple:
-        """The request's LoRA set; () for none. Different sets share a batch through the engine's runtime slots, one
-        slot per distinct set (so the key leaves them out, and _next_batch counts them)."""
-        return tuple(sorted((s.name, s.scale) for s in self.request.loras))
 
 
 class Worker:
@@ -255,18 +247,11 @@ class Worker:
             if self._stopping or not self._pending:
                 return [] if not self._stopping else None
             self._resolve_recipe()
-            head = self._pending[0]
-            cap, max_sets = self._batch_cap(head.request), self._lora_slots()
-            batch, images, sets = [], 0, set()
-            for p in list(self._pending):
-                n = p.request.num_images
-                new_set = p.lora_set and p.lora_set not in sets
-                if batch and (p.key != head.key or images + n > cap or (new_set and len(sets) >= max_sets)):
-                    continue  # the head always runs (nothing starves), alone if need be
-                batch.append(p)
-                images += n
-                if p.lora_set:
-                    sets.add(p.lora_set)
+            pending = list(self._pending)
+            # the head's call (the head always runs, alone if need be): the first of the queue's grouping
+            [first] = plan_groups([p.request for p in pending], self._lora_slots(), self._batch_cap, first_only=True)
+            batch = [pending[i] for i in first]
+            for p in batch:
                 self._pending.remove(p)
             for p in batch:
                 self._running[p.job_id] = p
