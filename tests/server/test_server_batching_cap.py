@@ -24,16 +24,22 @@ class TwoFit(GatedEngine):
         return min(2, limit)
 
 
+def images_per_call(c, gated, held_body, queued, wait_status) -> list[int]:
+    """Hold the engine on one job, queue `queued` bodies behind it, release: each engine call's image count."""
+    gated.gate.clear()
+    first = c.post("/v1/jobs", json=held_body).json()
+    assert gated.entered.acquire(timeout=30)
+    jobs = [c.post("/v1/jobs", json=b).json() for b in queued]
+    gated.gate.set()
+    assert all(wait_status(c, j["id"])["status"] == "succeeded" for j in [first, *jobs])
+    return [sum(r.num_images for r in call) for call in gated.calls]
+
+
 def test_queued_jobs_run_in_batches_the_memory_plan_fits(make_client, engine, wait_status):
     capped = TwoFit(engine)
     c = make_client(engine_=capped, max_batch=8)
-    capped.gate.clear()
-    first = c.post("/v1/jobs", json=body(seed=1)).json()
-    assert capped.entered.acquire(timeout=30)
-    jobs = [c.post("/v1/jobs", json=body(seed=10 + i)).json() for i in range(5)]
-    capped.gate.set()
-    assert all(wait_status(c, j["id"])["status"] == "succeeded" for j in [first, *jobs])
-    assert [sum(r.num_images for r in call) for call in capped.calls] == [1, 2, 2, 1]
+    queued = [body(seed=10 + i) for i in range(5)]
+    assert images_per_call(c, capped, body(seed=1), queued, wait_status) == [1, 2, 2, 1]
     assert capped.asked and all(a == (SIZE, SIZE, False, 8) for a in capped.asked)
 
 
@@ -50,14 +56,8 @@ def test_a_job_larger_than_the_limit_still_runs_whole(make_client, engine, wait_
     out-of-memory recovery is the guard there), and no companion joins it."""
     capped = TwoFit(engine)
     c = make_client(engine_=capped)
-    capped.gate.clear()
-    first = c.post("/v1/jobs", json=body(seed=1)).json()
-    assert capped.entered.acquire(timeout=30)
-    big = c.post("/v1/jobs", json=body(n=3, seed=5)).json()
-    small = c.post("/v1/jobs", json=body(seed=9)).json()
-    capped.gate.set()
-    assert all(wait_status(c, j["id"])["status"] == "succeeded" for j in [first, big, small])
-    assert [sum(r.num_images for r in call) for call in capped.calls] == [1, 3, 1]
+    queued = [body(n=3, seed=5), body(seed=9)]
+    assert images_per_call(c, capped, body(seed=1), queued, wait_status) == [1, 3, 1]
 
 
 def test_an_engine_without_batch_limit_is_capped_by_max_batch(make_client, engine, wait_status):
@@ -71,10 +71,5 @@ def test_an_engine_without_batch_limit_is_capped_by_max_batch(make_client, engin
 
     plain = NoLimit(engine)
     c = make_client(engine_=plain, max_batch=3)
-    plain.gate.clear()
-    first = c.post("/v1/jobs", json=body(seed=1)).json()
-    assert plain.entered.acquire(timeout=30)
-    jobs = [c.post("/v1/jobs", json=body(seed=10 + i)).json() for i in range(4)]
-    plain.gate.set()
-    assert all(wait_status(c, j["id"])["status"] == "succeeded" for j in [first, *jobs])
-    assert [sum(r.num_images for r in call) for call in plain.calls] == [1, 3, 1]
+    queued = [body(seed=10 + i) for i in range(4)]
+    assert images_per_call(c, plain, body(seed=1), queued, wait_status) == [1, 3, 1]

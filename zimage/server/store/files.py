@@ -127,13 +127,16 @@ class ImageFiles:
     def age_s(self, name: str, now: float | None = None) -> float | None:
         """Seconds since the file was last written (None: the storage does not say, or the file is gone)."""
         try:
-            if self.local is not None:
-                mtime = (self.local / name).stat().st_mtime
-            else:
-                mtime = _mtime(self._fs.info(f"{self._root}/{name}"))
+            mtime = self._modified(name)
         except FileNotFoundError:
             return None
         return None if mtime is None else (time.time() if now is None else now) - mtime
+
+    def _modified(self, name: str) -> float | None:
+        """The file's modification time (None: the storage does not say); FileNotFoundError when it is gone."""
+        if self.local is not None:
+            return (self.local / name).stat().st_mtime
+        return _mtime(self._fs.info(f"{self._root}/{name}"))
 
     def names(self) -> list[str]:
         """Every file name in the storage (images and .part files)."""
@@ -170,10 +173,7 @@ class ImageFiles:
                 return not fields[3].startswith(_PROCESS_TOKEN)
             return not _pid_alive(pid)
         try:
-            if self.local is not None:
-                mtime = (self.local / fname).stat().st_mtime
-            else:
-                mtime = _mtime(self._fs.info(f"{self._root}/{fname}"))
+            mtime = self._modified(fname)
         except FileNotFoundError:
             return False
         return mtime is None or now - mtime > STALE_PART_S
