@@ -19,8 +19,8 @@ from zimage.server.errors import ApiError
 from zimage.server.events import TERMINAL_EVENTS, format_sse
 from zimage.server.image_stream import image_events
 from zimage.server.images import MEDIA_TYPES
-from zimage.server.loras import build_lora_router, check_request_loras
 from zimage.server.inputs import ImageJobCreate
+from zimage.server.loras import build_lora_router, check_request_loras
 from zimage.server.schemas import (
     ErrorBody, Health, ImageData, ImageGenerationRequest, ImageGenerationResponse, Job, JobCreate, JobList,
     ModelCard, ModelList, ServerStatus,
