@@ -22,11 +22,12 @@ def start_ray(num_cpus: int | None = None, num_gpus: int | None = None, env: dic
     import ray
     from ray import serve
 
+    from zimage.deploy.ray_cli import worker_pythonpath
     from zimage.server.launch import free_port
 
     temp = tempfile.mkdtemp(prefix="zray-")  # Ray's socket paths must stay under 107 characters
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **(env or {})}})
+             runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath(), **(env or {})}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"

@@ -60,3 +60,12 @@ def test_run_ray_serves_until_interrupted(tmp_path):
             proc.kill()
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=5)
+
+
+def test_workers_keep_this_process_pythonpath():
+    """A local cluster's workers start from Ray's own scripts: Ray and the packages that only PYTHONPATH makes
+    importable here (a `pip --target` folder) reach them only through it. zimage's own root comes first."""
+    from zimage.deploy.ray_cli import worker_pythonpath
+
+    assert worker_pythonpath({"PYTHONPATH": "/opt/site"}).split(os.pathsep) == [str(ROOT), "/opt/site"]
+    assert worker_pythonpath({}) == str(ROOT)

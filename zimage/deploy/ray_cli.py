@@ -14,6 +14,17 @@ from zimage.errors import UsageError
 log = logging.getLogger("zimage.deploy")
 
 
+def worker_pythonpath(environ=os.environ) -> str:
+    """PYTHONPATH for a local cluster's workers: the zimage this process runs (a checkout, a virtualenv) first, so
+    they import it and not another on their path, then this process's own PYTHONPATH. Ray's workers start from its
+    own scripts, so packages that only PYTHONPATH makes importable here (Ray itself, installed with
+    `pip --target`) must reach them through it too."""
+    import zimage
+
+    root = str(Path(zimage.__file__).resolve().parent.parent)
+    return os.pathsep.join(p for p in (root, environ.get("PYTHONPATH")) if p)
+
+
 def run_ray(settings, replicas: int = 1, autoscale: tuple[int, int] | None = None, address: str | None = None,
             ready_timeout: float = 3600.0) -> int:
     """Deploy and serve until Ctrl-C. `settings`: ServerSettings (host and port are the Serve proxy's)."""
@@ -28,13 +39,9 @@ def run_ray(settings, replicas: int = 1, autoscale: tuple[int, int] | None = Non
     if address:
         ray.init(address=address)
     else:
-        import zimage
-
-        # The workers import the zimage this process runs (a checkout, a virtualenv), not another on their path.
-        root = str(Path(zimage.__file__).resolve().parent.parent)
         needed = deployment.max_replicas * deployment.num_cpus
         ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": root}})
+                 runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build(settings, engine_of(settings), deployment), name=APP_NAME, route_prefix="/",
