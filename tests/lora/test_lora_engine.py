@@ -201,3 +201,24 @@ def test_names_only_engines_refuse_paths(tiny_folder, files):
         engine.generate(GenerateRequest(**REQ, seed=1, loras=(str(files["b"]),)))
     with pytest.raises(UsageError, match="no LoRA named 'nope'"):
         engine.generate(GenerateRequest(**REQ, seed=1, loras=("nope",)))
+
+
+def test_runtime_slots_survive_fused_projections(tiny_folder, files, pipe):
+    """Compile mode fuses q/k/v and w1/w3 (zimage.speed.fuse) after the runtime slots are installed: the slots'
+    sets stay, and sets written afterwards go into the right parts of the fused layers."""
+    from zimage.models.lora import LoraLinear
+    from zimage.speed.fuse import fuse_block
+
+    engine = load(tiny_folder, lora_slots=2, lora_rank=8)
+    a = GenerateRequest(**REQ, seed=5, loras=(f"{files['a_rt']}:0.7",))
+    before = latents(engine, a)  # set a written into a slot before fusion
+    for block in engine.transformer.blocks():
+        fuse_block(block)
+    qkv = engine.transformer.layers[0].attention.to_qkv
+    assert isinstance(qkv, LoraLinear) and qkv.parts == 3
+    assert (latents(engine, a) - before).abs().max().item() <= 1e-5
+    b = GenerateRequest(**REQ, seed=6, loras=(f"{files['a_rt']}:0.5", f"{files['b']}:0.8"))
+    got = latents(engine, b)  # a new set: written into the fused layers' parts
+    assert (got - reference(pipe, [(files["a_rt"], 0.5), (files["b"], 0.8)], 6)).abs().max().item() <= TOL
+    plain = latents(engine, GenerateRequest(**REQ, seed=5))
+    assert (plain - reference(pipe, [], 5)).abs().max().item() <= TOL

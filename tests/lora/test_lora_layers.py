@@ -77,3 +77,78 @@ def test_compiled_layer_adds_deltas_in_place_and_never_recompiles_for_new_conten
                             for b, s in enumerate(slots)])
         torch.testing.assert_close(compiled(x), want, rtol=0, atol=1e-5)
     assert counter.frame_count == 1
+
+
+def three_layers(slots=3, rank=8, seed=0):
+    """q, k, v-like LoRA layers (24 -> 40 each, no bias) sharing one row map, with different sets in their slots."""
+    torch.manual_seed(seed)
+    rows = LoraRows()
+    layers = [LoraLinear(nn.Linear(24, 40, bias=False), slots, rank, rows, torch.float32) for _ in range(3)]
+    for p, lora in enumerate(layers):
+        for slot in range(slots):
+            if (p, slot) != (1, 2):  # part 1 of slot 2 left empty: a set that does not touch k
+                lora.write(slot, *factors(40, 24, 8 - slot, 100 * p + slot))
+    return rows, layers
+
+
+def fuse(layers):
+    from zimage.speed.fuse import _fused_linear
+
+    return _fused_linear(layers)
+
+
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "gather path (as compiled)"])
+@pytest.mark.parametrize("slots", [[1, 1], [2, -1, 0], [-1]], ids=["uniform", "mixed", "none"])
+def test_a_fused_lora_layer_computes_its_parts(monkeypatch, compiling, slots):
+    """q/k/v fused into one layer of 3 parts: each part's output block is what its own layer gave, for one slot,
+    mixed rows and no LoRA, in the eager and the compiled code path."""
+    rows, layers = three_layers()
+    fused = fuse(layers)
+    assert fused.parts == 3 and fused.lora_down.shape == (3, 24, 24) and fused.lora_up.shape == (3, 120, 8)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    x = torch.randn(len(slots), 6, 24)
+    rows.set(slots, "cpu", torch.float32)
+    want = torch.cat([lora(x) for lora in layers], dim=-1)
+    torch.testing.assert_close(fused(x), want, rtol=0, atol=1e-5)
+
+
+def test_writing_a_part_of_a_fused_layer_changes_only_that_part():
+    rows, layers = three_layers()
+    fused = fuse(layers)
+    down, up = factors(40, 24, 5, 7)
+    fused.write(0, down, up, part=1)  # k's factors of slot 0 replaced (rank 5 in the bucket of 8)
+    layers[1].write(0, down, up)
+    rows.set([0], "cpu", torch.float32)
+    x = torch.randn(1, 4, 24)
+    torch.testing.assert_close(fused(x), torch.cat([lora(x) for lora in layers], dim=-1), rtol=0, atol=1e-5)
+    fused.write(0, None, None, part=2)  # v's slot 0 cleared: that block is v's base output
+    torch.testing.assert_close(fused(x)[..., 80:], layers[2].base(x), rtol=0, atol=1e-6)
+
+
+def test_layers_of_different_ranks_or_row_maps_do_not_fuse():
+    rows, layers = three_layers()
+    other = LoraLinear(nn.Linear(24, 40, bias=False), 3, 4, rows, torch.float32)
+    with pytest.raises(ValueError, match="fuse"):
+        LoraLinear.fused(nn.Linear(24, 80, bias=False), [layers[0], other])
+    stranger = LoraLinear(nn.Linear(24, 40, bias=False), 3, 8, LoraRows(), torch.float32)
+    with pytest.raises(ValueError, match="fuse"):
+        LoraLinear.fused(nn.Linear(24, 80, bias=False), [layers[0], stranger])
+
+
+def test_a_compiled_fused_layer_never_recompiles_for_new_contents():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    rows, layers = three_layers()
+    fused = fuse(layers)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(fused, backend=counter)
+    x = torch.randn(2, 5, 24)
+    for slots, rewrite in (([1, -1], None), ([2, 0], (2, 1)), ([0, 0], (0, 2))):
+        if rewrite is not None:
+            slot, part = rewrite
+            down, up = factors(40, 24, 6, 50 + slot)
+            fused.write(slot, down, up, part=part)
+            layers[part].write(slot, down, up)
+        rows.set(slots, "cpu", torch.float32)
+        torch.testing.assert_close(compiled(x), torch.cat([lora(x) for lora in layers], dim=-1), rtol=0, atol=1e-5)
+    assert counter.frame_count == 1

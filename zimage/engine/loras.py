@@ -130,8 +130,9 @@ def stacked(loras) -> dict:
 class RuntimeSlots:
     """Which set each runtime slot holds, least recently used first (zimage.models.lora.LoraLinear layers)."""
 
-    def __init__(self, layers: dict, rows, slots: int, rank: int):
-        self.layers = layers  # {module name: LoraLinear}
+    def __init__(self, transformer, targets, rows, slots: int, rank: int):
+        self.transformer = transformer
+        self.targets = frozenset(targets)  # unfused linear names, each computed by a LoraLinear (or a part of one)
         self.rows = rows  # zimage.models.lora.LoraRows shared by the layers
         self.rank = rank
         self.held: OrderedDict = OrderedDict((("free", i), i) for i in range(slots))  # key -> slot
@@ -152,11 +153,19 @@ class RuntimeSlots:
                 self.held[("free", slot)] = slot
                 raise UsageError(f"this LoRA set has rank {down.shape[0]} on {module}; the engine's runtime slots "
                                  f"hold rank {self.rank} (start it with a larger --lora-rank)", param="loras")
-        for name, layer in self.layers.items():
-            f = factors.get(name)
-            layer.write(slot, *(f if f is not None else (None, None)))
+        self.write(slot, factors)
         self.held[key] = slot
         return slot
+
+    def write(self, slot: int, factors: dict) -> None:
+        """Slot `slot` of every target <- factors {name: (down, up)}; targets the set leaves out are cleared. Layers
+        are looked up by name each time: zimage.speed.fuse may have fused q/k/v and w1/w3 into one layer each
+        since the slots were installed (a name is then a part of the fused layer)."""
+        from zimage.weights.lora.merge import find_module
+
+        for name in self.targets:
+            layer, part, _ = find_module(self.transformer, name)
+            layer.write(slot, *factors.get(name, (None, None)), part=part)
 
 
 def slot_bytes(transformer, slots: int, rank: int, dtype_bytes: int) -> tuple[dict[int, int], int]:
@@ -257,8 +266,9 @@ class EngineLoras:
         from zimage.models.lora import wrap_linears
 
         transformer = self.networks["transformer"]
-        rows, layers = wrap_linears(transformer, runtime_targets(transformer), slots, rank, self.dtype)
-        self.runtime = RuntimeSlots(layers, rows, slots, rank)
+        targets = runtime_targets(transformer)
+        rows, _ = wrap_linears(transformer, targets, slots, rank, self.dtype)
+        self.runtime = RuntimeSlots(transformer, targets, rows, slots, rank)
 
     def row_slots(self, requests, names_only: bool = False) -> list[int] | None:
         """The runtime slot of each image of `requests` (-1: none), writing sets into slots as needed; None when no
@@ -290,7 +300,7 @@ class EngineLoras:
         loras = self.resolve(specs, names_only)
         ranks: dict[str, int] = {}
         for lora, _ in loras:
-            outside = [m for m in lora.transformer if m not in self.runtime.layers]
+            outside = [m for m in lora.transformer if m not in self.runtime.targets]
             if lora.text_encoder or outside:
                 what = "the text encoder" if lora.text_encoder else outside[0]
                 raise UsageError(f"LoRA {lora.name!r} changes {what}, which per-request LoRAs cannot: apply it "

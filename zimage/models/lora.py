@@ -5,7 +5,10 @@ batches whose rows use different sets.
 
 Each wrapped layer holds `slots` factor pairs of one rank bucket R (a set of several LoRAs is one pair: their
 factors concatenated along the rank, scales folded into B; lower ranks padded with zeros, which add exactly 0):
-    lora_down (S, R, in), lora_up (S, out, R)  in the compute dtype, parameters (so placement and streaming move them).
+    lora_down (S, P*R, in), lora_up (S, out, R)  in the compute dtype, parameters (so placement and streaming move them).
+P is the number of logical linears the layer computes: 1, or 3 for a fused q/k/v and 2 for a fused w1/w3
+(zimage.speed.fuse). Part p owns output rows [p*out/P, (p+1)*out/P) and down rows [p*R, (p+1)*R): one down GEMM
+reads the input once for all parts, and each part's up product adds into its own columns of the output.
 Which slot each row uses is shared by every layer of the network through one `LoraRows` object that the engine sets
 before a forward. In eager mode a batch whose rows all use one slot takes two plain matmuls; otherwise (and always
 when compiled, so that no Python branch depends on which slots a batch uses and a change of LoRA set never
@@ -23,10 +26,15 @@ from torch import Tensor, nn
 
 @torch.library.custom_op("zimage::add_lora_delta_", mutates_args=("y",))
 def add_lora_delta_(y: Tensor, d: Tensor, up_t: Tensor) -> None:
-    """y (B, L, out) += d (B, L, R) @ up_t (B, R, out), in place. A custom op so that a compiled graph keeps it one
-    in-place GEMM on the base output's buffer (inductor re-inplaces it; a plain `y.baddbmm_` is functionalised into a
-    copy plus an out-of-place baddbmm)."""
-    y.baddbmm_(d, up_t)
+    """y (B, L, out) += d (B, L, P*R) @ up_t (B, R, out) part by part: columns [p*n, (p+1)*n) of y (n = out / P) get
+    d[..., p*R:(p+1)*R] @ up_t[..., p*n:(p+1)*n], in place (strided GEMMs on y's own buffer). A custom op so that a
+    compiled graph keeps these in-place GEMMs on the base output (a plain `y.baddbmm_` is functionalised into a copy
+    plus an out-of-place baddbmm)."""
+    rank = up_t.shape[1]
+    parts = d.shape[-1] // rank
+    n = y.shape[-1] // parts
+    for p in range(parts):
+        y[..., p * n:(p + 1) * n].baddbmm_(d[..., p * rank:(p + 1) * rank], up_t[..., p * n:(p + 1) * n])
 
 
 @add_lora_delta_.register_fake
@@ -56,17 +64,36 @@ class LoraRows:
 
 
 class LoraLinear(nn.Module):
-    """`base` (an nn.Linear or FP8Linear, kept as is) plus `slots` LoRA factor pairs of rank `rank`."""
+    """`base` (an nn.Linear or FP8Linear, kept as is) plus `slots` LoRA factor pairs of rank `rank` for each of its
+    `parts` equal row blocks."""
 
-    def __init__(self, base: nn.Module, slots: int, rank: int, rows: LoraRows, dtype, device=None):
+    def __init__(self, base: nn.Module, slots: int, rank: int, rows: LoraRows, dtype, device=None, parts: int = 1):
         super().__init__()
+        if base.out_features % parts:
+            raise ValueError(f"{base.out_features} output features do not split into {parts} equal parts")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
+        self.parts = parts
         self.rows = rows
-        self.lora_down = nn.Parameter(torch.zeros(slots, rank, self.in_features, dtype=dtype, device=device),
+        self.lora_down = nn.Parameter(torch.zeros(slots, parts * rank, self.in_features, dtype=dtype, device=device),
                                       requires_grad=False)
         self.lora_up = nn.Parameter(torch.zeros(slots, self.out_features, rank, dtype=dtype, device=device),
                                     requires_grad=False)
+
+    @classmethod
+    def fused(cls, base: nn.Module, layers: list[LoraLinear]) -> LoraLinear:
+        """One layer over `base` (the layers' base weights concatenated along the output, zimage.speed.fuse) that
+        computes what `layers` (single-part, same slots, rank and rows) computed, part p being layers[p]."""
+        first = layers[0]
+        if any(m.parts != 1 or m.rows is not first.rows or m.lora_up.shape[::2] != first.lora_up.shape[::2]
+               for m in layers):
+            raise ValueError("only single-part LoRA layers of one slot count, rank and row map fuse")
+        down = first.lora_down
+        fused = cls(base, down.shape[0], first.rank, first.rows, down.dtype, device=down.device, parts=len(layers))
+        with torch.no_grad():
+            fused.lora_down.copy_(torch.cat([m.lora_down for m in layers], dim=1))  # (S, P*R, in)
+            fused.lora_up.copy_(torch.cat([m.lora_up for m in layers], dim=1))  # (S, out, R)
+        return fused
 
     @property
     def weight(self):
@@ -79,18 +106,22 @@ class LoraLinear(nn.Module):
 
     @property
     def rank(self) -> int:
-        return self.lora_down.shape[1]
+        return self.lora_up.shape[2]
 
     @torch.no_grad()
-    def write(self, slot: int, down: torch.Tensor | None, up: torch.Tensor | None) -> None:
-        """Slot `slot` <- down (r, in), up (out, r) with r <= rank (scale already in `up`); None clears the slot."""
-        self.lora_down[slot].zero_()
-        self.lora_up[slot].zero_()
+    def write(self, slot: int, down: torch.Tensor | None, up: torch.Tensor | None, part: int = 0) -> None:
+        """Slot `slot` of part `part` <- down (r, in), up (out / parts, r) with r <= rank (scale already in `up`);
+        None clears it."""
+        rank, n = self.rank, self.out_features // self.parts
+        down_rows = self.lora_down[slot, part * rank:(part + 1) * rank]  # (R, in)
+        up_rows = self.lora_up[slot, part * n:(part + 1) * n]  # (n, R)
+        down_rows.zero_()
+        up_rows.zero_()
         if down is None:
             return
         r = down.shape[0]
-        self.lora_down[slot, :r].copy_(down)
-        self.lora_up[slot, :, :r].copy_(up)
+        down_rows[:r].copy_(down)
+        up_rows[:, :r].copy_(up)
 
     def forward(self, x):
         """x (B, ..., in) -> (B, ..., out); row b of the batch gets slot rows.slots[b]'s delta."""
@@ -101,14 +132,15 @@ class LoraLinear(nn.Module):
             if slot is not None:
                 if slot < 0:
                     return y
-                d = torch.nn.functional.linear(x, self.lora_down[slot])  # (B, ..., R)
-                y.view(-1, self.out_features).addmm_(d.view(-1, d.shape[-1]), self.lora_up[slot].t())
+                d = torch.nn.functional.linear(x, self.lora_down[slot])  # (B, ..., P*R)
+                add_lora_delta_(y.view(1, -1, self.out_features), d.view(1, -1, d.shape[-1]),
+                                self.lora_up[slot].t().unsqueeze(0))
                 return y
         rows = self.rows
         x3 = x.reshape(lead[0], -1, lead[-1])  # (B, L, in): one sequence per row
-        down = self.lora_down[rows.index]  # (B, R, in)
+        down = self.lora_down[rows.index]  # (B, P*R, in)
         up = self.lora_up[rows.index] * rows.active  # (B, out, R); rows without LoRA add 0
-        d = torch.bmm(x3, down.transpose(1, 2))  # (B, L, R)
+        d = torch.bmm(x3, down.transpose(1, 2))  # (B, L, P*R)
         add_lora_delta_(y.view(lead[0], -1, self.out_features), d, up.transpose(1, 2))
         return y
 

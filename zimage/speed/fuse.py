@@ -10,11 +10,26 @@ from __future__ import annotations
 import torch
 
 
-def _fused_linear(layers) -> torch.nn.Linear:
+def _fused_linear(layers) -> torch.nn.Module:
+    """One linear for `layers` (plain Linears, or runtime LoRA layers over plain Linears: then a LoRA layer of
+    len(layers) parts over the fused base, each part keeping its own slots)."""
+    from zimage.models.lora import LoraLinear
+
+    if isinstance(layers[0], LoraLinear):
+        return LoraLinear.fused(_fused_linear([layer.base for layer in layers]), layers)
     weight = torch.cat([layer.weight for layer in layers])  # (sum of out, in)
     fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
     fused.weight = torch.nn.Parameter(weight, requires_grad=False)
     return fused
+
+
+def _fusable(layers) -> bool:
+    """Plain bias-free Linears, or single-part runtime LoRA layers over them (not fp8 layers, not fused ones)."""
+    from zimage.models.lora import LoraLinear
+
+    if all(type(m) is torch.nn.Linear for m in layers):
+        return all(m.bias is None for m in layers)
+    return all(type(m) is LoraLinear and m.parts == 1 for m in layers) and _fusable([m.base for m in layers])
 
 
 class FusedSwiGLU(torch.nn.Module):
@@ -34,9 +49,11 @@ class FusedSwiGLU(torch.nn.Module):
 
 def fuse_block(block) -> None:
     """Fuse one ZImageTransformerBlock in place (attention q/k/v, feed-forward w1/w3). A fused block is left as is,
-    and so is one whose projections are not plain Linears (runtime LoRA layers keep their own factors per layer)."""
+    and so is one whose projections are neither plain Linears nor runtime LoRA layers over them (fp8 layers keep
+    their own per-row scales)."""
     attn = block.attention
-    if hasattr(attn, "to_qkv") or not all(type(m) is torch.nn.Linear for m in (attn.to_q, block.feed_forward.w1)):
+    ff = block.feed_forward
+    if hasattr(attn, "to_qkv") or not (_fusable([attn.to_q, attn.to_k, attn.to_v]) and _fusable([ff.w1, ff.w3])):
         return
     attn.to_qkv = _fused_linear([attn.to_q, attn.to_k, attn.to_v])
     del attn.to_q, attn.to_k, attn.to_v

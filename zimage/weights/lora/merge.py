@@ -30,22 +30,27 @@ class Target:
     rows: slice
 
 
-def find_linear(model: nn.Module, name: str) -> Target:
-    """The weight of linear `name` (unfused module name) in `model`, fused or not; KeyError if there is none."""
+def find_module(model: nn.Module, name: str) -> tuple[nn.Module, int, int]:
+    """(module, part, parts) computing linear `name` (unfused module name) in `model`: its own module (0, 1), or the
+    fused `to_qkv` / `w13` whose output row block `part` of `parts` it is; KeyError if there is none."""
     try:
-        module = model.get_submodule(name)
+        return model.get_submodule(name), 0, 1
     except AttributeError:
         parent_name, _, leaf = name.rpartition(".")
         if leaf not in FUSED:
             raise KeyError(name) from None
         fused_name, part, parts = FUSED[leaf]
         try:
-            module = model.get_submodule(f"{parent_name}.{fused_name}")
+            return model.get_submodule(f"{parent_name}.{fused_name}"), part, parts
         except AttributeError:
             raise KeyError(name) from None
-        n = module.out_features // parts
-        return Target(_base(module), slice(part * n, (part + 1) * n))
-    return Target(_base(module), slice(0, module.out_features))
+
+
+def find_linear(model: nn.Module, name: str) -> Target:
+    """The weight of linear `name` (unfused module name) in `model`, fused or not; KeyError if there is none."""
+    module, part, parts = find_module(model, name)
+    n = module.out_features // parts
+    return Target(_base(module), slice(part * n, (part + 1) * n))
 
 
 def _base(module):
