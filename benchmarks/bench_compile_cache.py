@@ -11,7 +11,8 @@ TRITON_CACHE_DIR unset, so inductor and Triton use zimage's folder in it) and ru
 - mega:  the artifact file from `cold`, inductor's folder removed (a fresh machine given the file)
 
 Reports the median seconds to the first image (from the child's start) and its parts, with the compile counters
-(FX-graph / AOTAutograd cache hits and misses) that show where each process's graphs came from. On CUDA the model
+(FX-graph / AOTAutograd cache hits and misses) that show where each process's graphs came from, and for each run
+the first image's phases and dynamo's / inductor's own phase timers (where the seconds after loading go). On CUDA the model
 is the full-size random one (benchmarks/common.py); on the CPU the tiny random model at 256x256, 2 steps.
 """
 
@@ -43,9 +44,13 @@ engine = Engine.load(model=model, device=device, speed="compile")
 sync()
 t_load = time.perf_counter()
 req = GenerateRequest(prompts=("a red fox in the snow",), width=width, height=height, steps=steps, seed=1)
-engine.generate(req)
+first = engine.generate(req)
 sync()
 t_first = time.perf_counter()
+from torch._dynamo.utils import compilation_time_metrics
+# where the first image's extra seconds went: dynamo's and inductor's own timers (seconds summed per phase, those
+# over 50 ms), the image's phases (encode: text-encoder graph capture; denoise: the blocks; decode: the VAE)
+compile_parts = {k: round(sum(v), 3) for k, v in compilation_time_metrics.items() if sum(v) > 0.05}
 engine.generate(GenerateRequest(prompts=("a red fox in the snow, again",), width=width, height=height, steps=steps,
                                 seed=2))
 sync()
@@ -53,6 +58,8 @@ t_second = time.perf_counter()
 a = engine.speed_setup.artifacts
 print(json.dumps({"import_s": t_import - t0, "load_s": t_load - t_import, "first_image_s": t_first - t_load,
                   "second_image_s": t_second - t_first, "to_first_image_s": t_first - t0,
+                  "first_image_phases": {k: round(v, 3) for k, v in first.timings.items()},
+                  "compile_parts": compile_parts,
                   "artifacts": None if a is None else {"status": a.status, "loaded": a.loaded, "saves": a.saves},
                   "fxgraph": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
                   "aot_autograd": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k}}))

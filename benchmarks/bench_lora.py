@@ -11,6 +11,9 @@ Writes random LoRAs (diffusers layout, bf16, every linear layer of the transform
    and the switch between two sets: the time of the first image after the switch less a steady image, and whether
    dynamo compiled anything new (no recompile);
 4. diffusers: from_pretrained, load_lora_weights + fuse_lora at the smallest rank: time, s/image.
+5. faithfulness in bf16: the final latents of one image with the smallest-rank LoRA through the runtime slots
+   (compiled: fused q/k/v and w1/w3 with their slots' parts) against the same LoRA merged (eager), as a relative L2,
+   next to the bf16 noise of the same run: plain compiled against plain eager.
 Prints a table; writes JSON.
 """
 
@@ -72,6 +75,22 @@ def image_seconds(engine, repeats: int, loras=(), n: int = 1, mixed=None) -> tup
     return med, all_s
 
 
+def final_latents(engine, loras=()):
+    """The final latents (before decoding) of one fixed request, on the CPU in fp32."""
+    from zimage.request import GenerateRequest
+
+    w, h = SIZE
+    req = GenerateRequest(prompts=(PROMPT,), width=w, height=h, steps=STEPS, seed=1234, loras=loras)
+    cond, _ = engine.encode([req])
+    slots = engine.loras.row_slots([req])
+    out, _ = engine.denoise(cond, engine.noise(req.image_seeds(), req), req, lora_slots=slots)
+    return out.float().cpu()
+
+
+def rel_l2(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 def compiles() -> int:
     """Graphs dynamo has compiled in this process so far (a change of LoRA set must add none)."""
     try:
@@ -114,6 +133,7 @@ def main() -> None:
     res["plain_s"], res["plain_all_s"] = image_seconds(engine, args.repeats)
     res["plain_batch4_s"], _ = image_seconds(engine, 3, n=4)
     res["plain_peak_gib"] = peak_gib()
+    plain_compiled = final_latents(engine)
     del engine
     free_cuda()
     # 2. merged (eager: the merged weights are the plain model's shapes; compile would only add its cost)
@@ -134,6 +154,14 @@ def main() -> None:
     res["plain_eager_load_s"] = time.perf_counter() - t
     image_seconds(engine, 1)
     res["plain_eager_s"], _ = image_seconds(engine, args.repeats)
+    plain_eager = final_latents(engine)
+    res["bf16_noise_rel_l2"] = rel_l2(plain_compiled, plain_eager)  # compile vs eager, no LoRA
+    del engine
+    free_cuda()
+    low_lora = (f"{files[min(ranks)][0]}:0.8",)
+    engine = Engine.load(speed="eager", loras=low_lora, **dev)
+    merged_latents = final_latents(engine)
+    res["lora_effect_rel_l2"] = rel_l2(merged_latents, plain_eager)  # what the LoRA changes: the check is not vacuous
     del engine
     free_cuda()
     # 3. runtime slots
@@ -146,6 +174,8 @@ def main() -> None:
     image_seconds(engine, 1, loras=one)  # warm-up: compiles the blocks with their LoRA layers
     image_seconds(engine, 1, mixed=[(f"{files[top][k]}:0.8",) for k in range(SLOTS)])  # batch-dynamic graphs too
     image_seconds(engine, 1, n=4, loras=one)
+    runtime["vs_merged_rel_l2"] = rel_l2(final_latents(engine, low_lora), merged_latents)
+    runtime["fused"] = hasattr(engine.transformer.layers[0].attention, "to_qkv")  # q/k/v one layer of 3 parts
     for r in ranks:
         runtime[f"r{r}_s"], runtime[f"r{r}_all_s"] = image_seconds(engine, args.repeats, loras=(f"{files[r][0]}:0.8",))
     runtime["none_s"], _ = image_seconds(engine, args.repeats)
@@ -224,6 +254,8 @@ def main() -> None:
         print(f"runtime, bucket {r}: r{r} {m[f'r{r}_s']:.3f} s/image = {m[f'r{r}_s'] / res['plain_s']:.3f}x plain, "
               f"no LoRA {m['none_s'] / res['plain_s']:.3f}x; batch of 4 mixed/same "
               f"{m['same_batch4_s'] / m['mixed_batch4_s']:.3f}x")
+    print(f"bf16: runtime (fused: {rt['fused']}) vs merged rel L2 {rt['vs_merged_rel_l2']:.4f}; "
+          f"compile vs eager, no LoRA {res['bf16_noise_rel_l2']:.4f}; the LoRA's own effect {res['lora_effect_rel_l2']:.4f}")
     print(f"switch: slot write {rt['slot_write_s'] * 1000:.1f} ms, first image after {rt['switch_overhead_s']:+.3f}s, "
           f"new graphs {rt['new_graphs_after_switch']}")
     if "diffusers_fused" in res:
