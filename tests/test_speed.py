@@ -144,3 +144,42 @@ def test_compile_settings_are_scoped_to_a_generation_and_restored(monkeypatch, t
     with SpeedSetup("eager", "native", None).scoped():
         assert torch._dynamo.config.recompile_limit == limit and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(
             tmp_path / "mine")
+
+
+@pytest.mark.parametrize("backend", [NATIVE, CUDNN])
+def test_compiled_attention_graphs_are_ones_aotautograd_can_cache(backend):
+    """A second process finds its compiled blocks in AOTAutograd's cache only if their graphs are cacheable: entering
+    sdpa_kernel(...) inside a graph is not (it made 2 of 3 graphs bypass the cache on an H200). Traced here on the
+    CPU with fake tensors (the cuDNN kernel itself only runs on CUDA), checked as AOTAutograd checks them."""
+    from torch._functorch._aot_autograd.autograd_cache import check_cacheable
+
+    from zimage.models.z_image import Attention
+
+    attention = Attention(dim=32, heads=2, qk_norm=True)
+    attention.backend = backend
+    graphs = []
+
+    def inspect(gm, example_inputs):
+        check_cacheable(gm)  # raises BypassAOTAutogradCache for a graph the cache must skip
+        graphs.append(gm)
+        return lambda *args: (torch.zeros(1, 8, 32),)  # nothing runs: the graph is what is tested
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(attention, backend=inspect, fullgraph=True)(torch.randn(1, 8, 32), None, None)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="cuDNN attention: Hopper or newer")
+def test_direct_cudnn_attention_is_the_kernel_sdpa_picks():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from zimage.models.z_image import cudnn_attention
+
+    q, k, v = (torch.randn(1, 4, 1024, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(cudnn_attention(q, k, v), want)
