@@ -152,38 +152,3 @@ def test_a_compiled_fused_layer_never_recompiles_for_new_contents():
         rows.set(slots, "cpu", torch.float32)
         torch.testing.assert_close(compiled(x), torch.cat([lora(x) for lora in layers], dim=-1), rtol=0, atol=1e-5)
     assert counter.frame_count == 1
-
-
-class ScaledLinear(nn.Module):
-    """A base that is not an nn.Linear (as zimage.speed.fp8.FP8Linear is not): its own forward, no addmm."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.inner = linear
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    @property
-    def weight(self):
-        return self.inner.weight
-
-    def forward(self, x):
-        return self.inner(x)
-
-
-@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "gather path (as compiled)"])
-def test_a_base_other_than_a_linear_gets_the_deltas_added_in_place(monkeypatch, compiling):
-    """Plain Linears add their GEMM onto the delta (addmm); other bases compute their output and the delta is added
-    into it: the same result."""
-    base, rows, lora = layer()
-    other = LoraLinear(ScaledLinear(base), 3, 8, rows, torch.float32)
-    for slot in range(3):
-        f = factors(40, 24, 8, 30 + slot)
-        lora.write(slot, *f)
-        other.write(slot, *f)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
-    x = torch.randn(3, 5, 24)
-    for slots in ([0, 2, -1], [1, 1, 1]):
-        rows.set(slots, "cpu", torch.float32)
-        torch.testing.assert_close(other(x), lora(x), rtol=0, atol=1e-5)
-        torch.testing.assert_close(lora(x)[0], base(x[0]) + x[0] @ lora.lora_down[slots[0]].T
-                                   @ lora.lora_up[slots[0]].T, rtol=0, atol=1e-5)

@@ -13,12 +13,9 @@ Which slot each row uses is shared by every layer of the network through one `Lo
 before a forward. In eager mode a batch whose rows all use one slot takes two plain matmuls; otherwise (and always
 when compiled, so that no Python branch depends on which slots a batch uses and a change of LoRA set never
 recompiles) the rows' factors are gathered and multiplied batch-wise (bmm: the segmented LoRA matmul of multi-LoRA
-LLM servers, at image batch sizes). Bytes, not FLOPs, are what a slot costs (at 1024x1024 a linear's input and
-output are ~32-86 MB each, its factors ~1 MB): the up product is written first, and a plain Linear's own GEMM then
-adds onto it in its epilogue (addmm with beta = 1, which reads the delta while its compute-bound main loop leaves the
-memory idle). Adding the delta after the base GEMM instead reads and writes the output once more (measured on an
-H200: 1.09x a plain forward whatever the rank, against ...). Other bases (fp8) add the up product into their output
-in place.
+LLM servers, at image batch sizes). The up product accumulates into the base layer's output in place (one GEMM with
+beta = 1, `add_lora_delta_`): a separate `y + delta` would write the (B, L, out) delta and read it and y back, about
+as many bytes per linear as the base GEMM's output itself.
 """
 
 from __future__ import annotations
@@ -27,21 +24,21 @@ import torch
 from torch import Tensor, nn
 
 
-@torch.library.custom_op("zimage::lora_up_", mutates_args=("y",))
-def lora_up_(y: Tensor, d: Tensor, up_t: Tensor, beta: float) -> None:
-    """y (B, L, out) <- beta * y + d (B, L, P*R) @ up_t (B, R, out) part by part: columns [p*n, (p+1)*n) of y
-    (n = out / P) get d[..., p*R:(p+1)*R] @ up_t[..., p*n:(p+1)*n], strided GEMMs on y's own buffer (beta = 0: y's
-    contents are ignored, an empty buffer is fine). A custom op so that a compiled graph keeps them in place (a
-    plain `y.baddbmm_` is functionalised into a copy plus an out-of-place baddbmm)."""
+@torch.library.custom_op("zimage::add_lora_delta_", mutates_args=("y",))
+def add_lora_delta_(y: Tensor, d: Tensor, up_t: Tensor) -> None:
+    """y (B, L, out) += d (B, L, P*R) @ up_t (B, R, out) part by part: columns [p*n, (p+1)*n) of y (n = out / P) get
+    d[..., p*R:(p+1)*R] @ up_t[..., p*n:(p+1)*n], in place (strided GEMMs on y's own buffer). A custom op so that a
+    compiled graph keeps these in-place GEMMs on the base output (a plain `y.baddbmm_` is functionalised into a copy
+    plus an out-of-place baddbmm)."""
     rank = up_t.shape[1]
     parts = d.shape[-1] // rank
     n = y.shape[-1] // parts
     for p in range(parts):
-        y[..., p * n:(p + 1) * n].baddbmm_(d[..., p * rank:(p + 1) * rank], up_t[..., p * n:(p + 1) * n], beta=beta)
+        y[..., p * n:(p + 1) * n].baddbmm_(d[..., p * rank:(p + 1) * rank], up_t[..., p * n:(p + 1) * n])
 
 
-@lora_up_.register_fake
-def _(y: Tensor, d: Tensor, up_t: Tensor, beta: float) -> None:
+@add_lora_delta_.register_fake
+def _(y: Tensor, d: Tensor, up_t: Tensor) -> None:
     return None
 
 
@@ -128,34 +125,23 @@ class LoraLinear(nn.Module):
 
     def forward(self, x):
         """x (B, ..., in) -> (B, ..., out); row b of the batch gets slot rows.slots[b]'s delta."""
-        rows = self.rows
+        y = self.base(x).contiguous()  # a no-op for a linear's fresh output; the deltas are added into it in place
+        lead = x.shape
         if not torch.compiler.is_compiling():
-            slot = rows.uniform()
+            slot = self.rows.uniform()
             if slot is not None:
                 if slot < 0:
-                    return self.base(x)
-                # one slot for the whole batch: its factors as a batch of one, every row one long sequence
-                return self._with_delta(x, x.reshape(1, -1, self.in_features), self.lora_down[slot].unsqueeze(0),
-                                        self.lora_up[slot].unsqueeze(0))
-        x3 = x.reshape(x.shape[0], -1, self.in_features)  # (B, L, in): one sequence per row
+                    return y
+                d = torch.nn.functional.linear(x, self.lora_down[slot])  # (B, ..., P*R)
+                add_lora_delta_(y.view(1, -1, self.out_features), d.view(1, -1, d.shape[-1]),
+                                self.lora_up[slot].t().unsqueeze(0))
+                return y
+        rows = self.rows
+        x3 = x.reshape(lead[0], -1, lead[-1])  # (B, L, in): one sequence per row
         down = self.lora_down[rows.index]  # (B, P*R, in)
         up = self.lora_up[rows.index] * rows.active  # (B, out, R); rows without LoRA add 0
-        return self._with_delta(x, x3, down, up)
-
-    def _with_delta(self, x, x3, down, up):
-        """base(x) + per-sequence (x3 down^T) up^T, with x3 (G, L, in) the rows of x grouped as down (G, P*R, in)
-        and up (G, out, R) are."""
-        d = torch.bmm(x3, down.transpose(1, 2))  # (G, L, P*R)
-        out_shape = x.shape[:-1] + (self.out_features,)
-        if type(self.base) is nn.Linear:
-            delta = torch.empty(d.shape[:-1] + (self.out_features,), dtype=d.dtype, device=d.device)
-            lora_up_(delta, d, up.transpose(1, 2), 0.0)  # (G, L, out)
-            y = torch.addmm(delta.view(-1, self.out_features), x.reshape(-1, self.in_features), self.base.weight.t())
-            if self.base.bias is not None:
-                y = y + self.base.bias
-            return y.view(out_shape)
-        y = self.base(x).contiguous()  # a no-op for a layer's fresh output; the deltas are added into it in place
-        lora_up_(y.view(d.shape[:-1] + (self.out_features,)), d, up.transpose(1, 2), 1.0)
+        d = torch.bmm(x3, down.transpose(1, 2))  # (B, L, P*R)
+        add_lora_delta_(y.view(lead[0], -1, self.out_features), d, up.transpose(1, 2))
         return y
 
 
