@@ -120,7 +120,8 @@ class CpuMeter:
 
     def __enter__(self):
         self.result: dict = {}
-        self._t0, self._busy0, self._ours0 = time.monotonic(), _machine_busy_s(), _tree_cpu_s(os.getpid())
+        self._t0, self._busy0 = time.monotonic(), _machine_busy_s()
+        self._ours0, self._each0 = _tree_cpu_s(os.getpid())
         return self
 
     def __exit__(self, *exc):
@@ -128,9 +129,17 @@ class CpuMeter:
             return
         seconds = time.monotonic() - self._t0
         busy = (_machine_busy_s() - self._busy0) / seconds
-        ours = (_tree_cpu_s(os.getpid()) - self._ours0) / seconds
-        self.result = {"machine_cores": round(busy, 3), "ours_cores": round(ours, 3),
-                       "others_cores": round(max(0.0, busy - ours), 3)}
+        ours, each = _tree_cpu_s(os.getpid())
+        by_name: dict[str, float] = {}
+        for pid, (name, cpu_s) in each.items():
+            used = cpu_s - self._each0.get(pid, (name, 0.0))[1]
+            by_name[name] = by_name.get(name, 0.0) + used / seconds
+        self.result = {"machine_cores": round(busy, 3), "ours_cores": round((ours - self._ours0) / seconds, 3),
+                       "others_cores": round(max(0.0, busy - (ours - self._ours0) / seconds), 3),
+                       # which of our processes used it (Ray names its workers: ray::ServeReplica:<app>:<deployment>,
+                       # ray::ProxyActor, ...; "bench" is this process: the clients), those over 0.005 cores
+                       "by_process": {k: round(v, 3) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])
+                                      if v > 0.005}}
 
 
 def _machine_busy_s() -> float | None:
@@ -142,9 +151,9 @@ def _machine_busy_s() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _tree_cpu_s(root: int) -> float:
+def _tree_cpu_s(root: int) -> tuple[float, dict[int, tuple[str, float]]]:
     """utime + stime of `root` and its live descendants (those that ended during a run are not counted; in these
-    benchmarks every process of a run lives through it)."""
+    benchmarks every process of a run lives through it), and each one's {pid: (name, seconds)}."""
     children: dict[int, list[int]] = {}
     times: dict[int, float] = {}
     tick = os.sysconf("SC_CLK_TCK")
@@ -158,9 +167,19 @@ def _tree_cpu_s(root: int) -> float:
         pid, ppid = int(entry), int(stat[1])
         children.setdefault(ppid, []).append(pid)
         times[pid] = (int(stat[11]) + int(stat[12])) / tick
-    total, todo = 0.0, [root]
+    total, each, todo = 0.0, {}, [root]
     while todo:
         pid = todo.pop()
         total += times.get(pid, 0.0)
+        each[pid] = ("bench" if pid == root else _process_name(pid), times.get(pid, 0.0))
         todo.extend(children.get(pid, []))
-    return total
+    return total, each
+
+
+def _process_name(pid: int) -> str:
+    """The first word of a process's command line (Ray sets its workers' to ray::<actor>), its path stripped."""
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].decode(errors="replace").split(" ")[0]
+    except OSError:
+        return "?"
+    return argv.rsplit("/", 1)[-1] or "?"
