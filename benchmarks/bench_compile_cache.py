@@ -12,8 +12,8 @@ TRITON_CACHE_DIR unset, so inductor and Triton use zimage's folder in it) and ru
 
 Reports the median seconds to the first image (from the child's start) and its parts, with the compile counters
 (FX-graph / AOTAutograd cache hits and misses) that show where each process's graphs came from, and for each run
-the first image's phases and dynamo's / inductor's own phase timers (where the seconds after loading go). On CUDA the model
-is the full-size random one (benchmarks/common.py); on the CPU the tiny random model at 256x256, 2 steps.
+the first image's phases and dynamo's / inductor's own phase timers (where the seconds after loading go). On CUDA
+the model is the full-size random one (benchmarks/common.py); on the CPU the tiny random model at 256x256, 2 steps.
 """
 
 from __future__ import annotations

@@ -255,7 +255,8 @@ def main() -> None:
               f"no LoRA {m['none_s'] / res['plain_s']:.3f}x; batch of 4 mixed/same "
               f"{m['same_batch4_s'] / m['mixed_batch4_s']:.3f}x")
     print(f"bf16: runtime (fused: {rt['fused']}) vs merged rel L2 {rt['vs_merged_rel_l2']:.4f}; "
-          f"compile vs eager, no LoRA {res['bf16_noise_rel_l2']:.4f}; the LoRA's own effect {res['lora_effect_rel_l2']:.4f}")
+          f"compile vs eager, no LoRA {res['bf16_noise_rel_l2']:.4f}; "
+          f"the LoRA's own effect {res['lora_effect_rel_l2']:.4f}")
     print(f"switch: slot write {rt['slot_write_s'] * 1000:.1f} ms, first image after {rt['switch_overhead_s']:+.3f}s, "
           f"new graphs {rt['new_graphs_after_switch']}")
     if "diffusers_fused" in res:

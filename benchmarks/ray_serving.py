@@ -129,13 +129,14 @@ class CpuMeter:
             return
         seconds = time.monotonic() - self._t0
         busy = (_machine_busy_s() - self._busy0) / seconds
-        ours, each = _tree_cpu_s(os.getpid())
+        ours_s, each = _tree_cpu_s(os.getpid())
+        ours = (ours_s - self._ours0) / seconds
         by_name: dict[str, float] = {}
         for pid, (name, cpu_s) in each.items():
             used = cpu_s - self._each0.get(pid, (name, 0.0))[1]
             by_name[name] = by_name.get(name, 0.0) + used / seconds
-        self.result = {"machine_cores": round(busy, 3), "ours_cores": round((ours - self._ours0) / seconds, 3),
-                       "others_cores": round(max(0.0, busy - (ours - self._ours0) / seconds), 3),
+        self.result = {"machine_cores": round(busy, 3), "ours_cores": round(ours, 3),
+                       "others_cores": round(max(0.0, busy - ours), 3),
                        # which of our processes used it (Ray names its workers: ray::ServeReplica:<app>:<deployment>,
                        # ray::ProxyActor, ...; "bench" is this process: the clients), those over 0.005 cores
                        "by_process": {k: round(v, 3) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])

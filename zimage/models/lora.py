@@ -5,7 +5,7 @@ batches whose rows use different sets.
 
 Each wrapped layer holds `slots` factor pairs of one rank bucket R (a set of several LoRAs is one pair: their
 factors concatenated along the rank, scales folded into B; lower ranks padded with zeros, which add exactly 0):
-    lora_down (S, P*R, in), lora_up (S, out, R)  in the compute dtype, parameters (so placement and streaming move them).
+    lora_down (S, P*R, in), lora_up (S, out, R)  in the compute dtype, parameters (placement and streaming move them).
 P is the number of logical linears the layer computes: 1, or 3 for a fused q/k/v and 2 for a fused w1/w3
 (zimage.speed.fuse). Part p owns output rows [p*out/P, (p+1)*out/P) and down rows [p*R, (p+1)*R): one down GEMM
 reads the input once for all parts, and each part's up product adds into its own columns of the output.
@@ -86,16 +86,23 @@ class LoraLinear(nn.Module):
     def fused(cls, base: nn.Module, layers: list[LoraLinear]) -> LoraLinear:
         """One layer over `base` (the layers' base weights concatenated along the output, zimage.speed.fuse) that
         computes what `layers` (single-part, same slots, rank and rows) computed, part p being layers[p]."""
-        first = layers[0]
-        if any(m.parts != 1 or m.rows is not first.rows or m.lora_up.shape[::2] != first.lora_up.shape[::2]
-               for m in layers):
+        if not cls.fusable(layers):
             raise ValueError("only single-part LoRA layers of one slot count, rank and row map fuse")
+        first = layers[0]
         down = first.lora_down
         fused = cls(base, down.shape[0], first.rank, first.rows, down.dtype, device=down.device, parts=len(layers))
         with torch.no_grad():
             fused.lora_down.copy_(torch.cat([m.lora_down for m in layers], dim=1))  # (S, P*R, in)
             fused.lora_up.copy_(torch.cat([m.lora_up for m in layers], dim=1))  # (S, out, R)
         return fused
+
+    @staticmethod
+    def fusable(layers) -> bool:
+        """Whether `layers` can become one layer of parts: all single-part LoraLinears of one slot count, rank and
+        row map."""
+        first = layers[0]
+        return all(type(m) is LoraLinear and m.parts == 1 and m.rows is first.rows
+                   and m.lora_up.shape[::2] == first.lora_up.shape[::2] for m in layers)
 
     @property
     def weight(self):

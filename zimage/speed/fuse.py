@@ -24,12 +24,12 @@ def _fused_linear(layers) -> torch.nn.Module:
 
 
 def _fusable(layers) -> bool:
-    """Plain bias-free Linears, or single-part runtime LoRA layers over them (not fp8 layers, not fused ones)."""
+    """Plain bias-free Linears, or runtime LoRA layers over them that fuse (LoraLinear.fusable); not fp8 layers."""
     from zimage.models.lora import LoraLinear
 
     if all(type(m) is torch.nn.Linear for m in layers):
         return all(m.bias is None for m in layers)
-    return all(type(m) is LoraLinear and m.parts == 1 for m in layers) and _fusable([m.base for m in layers])
+    return LoraLinear.fusable(layers) and _fusable([m.base for m in layers])
 
 
 class FusedSwiGLU(torch.nn.Module):
