@@ -176,3 +176,23 @@ def test_no_metadata(tmp_path):
     with pytest.raises(UsageError, match="carries no zimage generation parameters") as info:
         read_metadata(tmp_path / "plain.png")
     assert info.value.param == "from_png" and str(tmp_path / "plain.png") in str(info.value)
+
+
+def test_server_pngs_use_the_fast_zlib_level_and_stay_lossless():
+    """The server encodes every image while its client waits: zlib level 1 (zimage.server.images.PNG_LEVEL), not
+    Pillow's default 6. Same pixels and metadata, only the compression differs."""
+    import io
+
+    import numpy as np
+
+    from zimage.server.images import PNG_LEVEL, encode_image
+
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    data = encode_image(noisy, META, "png")
+    assert PNG_LEVEL == 1
+    assert data == encode_png(noisy, META, compress_level=1)
+    assert data != encode_png(noisy, META)  # Pillow's default level writes other bytes
+    back = Image.open(io.BytesIO(data))
+    assert np.array_equal(np.asarray(back), np.asarray(noisy))
+    assert json.loads(back.text["zimage"])["prompt"] == META.prompt

@@ -118,9 +118,9 @@ def test_compile_is_kept_when_the_whole_transformer_is_resident(tiny_folder, mon
 
 
 def test_compile_settings_are_scoped_to_a_generation_and_restored(monkeypatch, tmp_path):
-    """Compile mode's process-wide settings (dynamo's recompile limit, inductor's cache folder, cuDNN autotuning)
-    hold only inside SpeedSetup.scoped() and are put back after, also when the body raises; a folder the user
-    chose is kept; eager mode touches nothing."""
+    """Compile mode's process-wide settings (dynamo's recompile limit, inductor's cache folder) hold only inside
+    SpeedSetup.scoped() and are put back after, also when the body raises; a folder the user chose is kept; cuDNN's
+    autotuning is left as the caller set it (it paid nothing: bench_vae_decode.py); eager mode touches nothing."""
     import os
 
     import torch
@@ -134,7 +134,7 @@ def test_compile_settings_are_scoped_to_a_generation_and_restored(monkeypatch, t
         with setup.scoped():
             assert torch._dynamo.config.recompile_limit == max(limit, RECOMPILE_LIMIT)
             assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == compile_cache_dir()
-            assert torch.backends.cudnn.benchmark is True
+            assert torch.backends.cudnn.benchmark == benchmark
             raise RuntimeError("inside")
     assert torch._dynamo.config.recompile_limit == limit and torch.backends.cudnn.benchmark == benchmark
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ

@@ -6,6 +6,10 @@ import base64
 import io
 
 DEFAULT_COMPRESSION = 10  # OpenAI's output_compression: percent of quality given up (jpeg/webp)
+# zlib level of the PNGs the server makes. Measured on a 2-core machine (Pillow, a noisy 256x256 image: what the tiny
+# random model makes): level 1 encodes in 11 ms against 59 ms at Pillow's default 6, for 16% more bytes (1024x1024:
+# 229 against 274 ms, +9%). The server encodes every image on its CPU while clients wait; the CLI keeps level 6.
+PNG_LEVEL = 1
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
@@ -14,7 +18,7 @@ def encode_image(image, metadata, fmt: str, compression: int | None = None) -> b
     if fmt == "png":
         from zimage.io.png import encode_png
 
-        return encode_png(image, metadata)
+        return encode_png(image, metadata, compress_level=PNG_LEVEL)
     quality = 100 - (DEFAULT_COMPRESSION if compression is None else compression)
     buf = io.BytesIO()
     image.save(buf, format="JPEG" if fmt == "jpeg" else "WEBP", quality=max(1, quality))
