@@ -147,3 +147,50 @@ def test_the_stand_in_step_runs_the_first_image_shapes_and_leaves_the_image_unch
     assert loaded.prompts.cached("a warm fox")
     got = loaded.generate(_request()).images[0].image
     assert got.tobytes() == ref.tobytes()
+
+
+def test_a_compiled_stand_in_traces_the_graphs_the_first_compiled_image_reuses(tiny_folder):
+    """Compile speed: the stand-in's step (fused, compiled, as zimage.speed.apply prepares the real transformer)
+    leaves dynamo's entries for each block kind at the first image's shapes, and the real blocks' first image traces
+    no graph of its own. Its image equals a compiled image made without the warm start."""
+    from torch._dynamo.utils import counters
+
+    from zimage.speed.compile_cache import compile_key
+    from zimage.speed.apply import compile_artifacts
+
+    def graphs():
+        return counters["stats"]["unique_graphs"]
+
+    cfg = EngineConfig(model=str(tiny_folder), device="cpu", dtype="fp32", speed="compile", compile_cache=False)
+    torch._dynamo.reset()
+    cold = Engine.load(cfg)
+    before = graphs()
+    ref = cold.generate(_request()).images[0].image
+    traced = graphs() - before
+    assert traced >= 2  # without a warm start the first image traces its blocks' graphs (modulated or not)
+    tokens = cold.prompts.count_tokens("a warm fox")
+    del cold
+
+    torch._dynamo.reset()
+    spec = warm_start.StandIn(_transformer_config(tiny_folder), torch.float32, tokens, compiled=True,
+                              compile_cache=False)
+    warm = warm_start.WarmStart(torch.device("cpu"), ("a warm fox",), None, (256, 256), spec)
+    before = graphs()
+    warm.before_text_encoder()
+    assert graphs() - before == traced  # the same graphs, traced on the stand-in
+    loaded = Engine.load(cfg)
+    after_warm = graphs()
+    got = loaded.generate(_request()).images[0].image
+    assert graphs() == after_warm  # every block's graph came from the stand-in's step
+    assert got.tobytes() == ref.tobytes()
+
+    # and the stand-in compiles into the real model's artifact file (its key ignores block counts)
+    stand_in = warm_start.stand_in_transformer(_transformer_config(tiny_folder), torch.device("cpu"), torch.float32)
+    from zimage.speed.fuse import fuse_block
+
+    for block in stand_in.blocks():
+        fuse_block(block)
+    real_key = compile_key(loaded.transformer, loaded.vae, torch.device("cpu"), {"graphs": ["blocks"]})
+    assert compile_key(stand_in, loaded.vae, torch.device("cpu"), {"graphs": ["blocks"]}) == real_key
+    assert compile_artifacts(stand_in, loaded.vae, torch.device("cpu"), "native").path == \
+        compile_artifacts(loaded.transformer, loaded.vae, torch.device("cpu"), "native").path
