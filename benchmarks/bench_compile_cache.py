@@ -1,12 +1,10 @@
 """Time to the first compiled image in a fresh process: no caches, inductor's local caches only, the portable artifact.
 
     python benchmarks/bench_compile_cache.py [--device auto|cpu|cuda] [--model DIR] [--size WxH] [--repeats 3] [--out DIR]
-                                             [--no-warm-start]
 
 Each repeat uses a fresh zimage cache (ZIMAGE_CACHE, a temporary folder; TORCHINDUCTOR_CACHE_DIR and
 TRITON_CACHE_DIR unset, so inductor and Triton use zimage's folder in it) and runs three child processes, each
-`import -> Engine.load(speed=compile, warm_prompts / warm_size of the first image, as the CLI and the server's
-warm-up name it; --no-warm-start leaves them out) -> one image`:
+`import -> Engine.load(speed=compile) -> one image`:
 
 - cold:  empty caches (compiles everything; writes inductor's local entries and the artifact file)
 - local: inductor's local caches from `cold`, the artifact file removed (zimage before the portable cache)
@@ -41,15 +39,11 @@ from zimage.engine.engine import Engine
 from zimage.request import GenerateRequest
 t_import = time.perf_counter()
 model, device, width, height, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-warm = sys.argv[6] == "1"
 sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-prompt = "a red fox in the snow"
-# warm: the first image told to the engine, as the CLI and the server's warm-up do (zimage.engine.warm_start)
-engine = Engine.load(model=model, device=device, speed="compile",
-                     **(dict(warm_prompts=(prompt,), warm_size=(width, height)) if warm else {}))
+engine = Engine.load(model=model, device=device, speed="compile")
 sync()
 t_load = time.perf_counter()
-req = GenerateRequest(prompts=(prompt,), width=width, height=height, steps=steps, seed=1)
+req = GenerateRequest(prompts=("a red fox in the snow",), width=width, height=height, steps=steps, seed=1)
 first = engine.generate(req)
 sync()
 t_first = time.perf_counter()
@@ -75,13 +69,12 @@ SCENARIOS = ("cold", "local", "mega")
 PARTS = ("to_first_image_s", "import_s", "load_s", "first_image_s", "second_image_s")
 
 
-def child(model: str, device: str, size: tuple[int, int], steps: int, cache: Path, warm: bool) -> dict:
+def child(model: str, device: str, size: tuple[int, int], steps: int, cache: Path) -> dict:
     env = package_env(ZIMAGE_CACHE=str(cache))
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "ZIMAGE_COMPILE_CACHE"):
         env.pop(name, None)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, model, device, str(size[0]), str(size[1]), str(steps),
-                          str(int(warm))],
+    out = subprocess.run([sys.executable, "-c", CHILD, model, device, str(size[0]), str(size[1]), str(steps)],
                          env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if out.returncode:
@@ -89,23 +82,23 @@ def child(model: str, device: str, size: tuple[int, int], steps: int, cache: Pat
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "wall_s": wall}
 
 
-def one_repeat(model: str, device: str, size, steps: int, root: Path, warm: bool) -> dict:
+def one_repeat(model: str, device: str, size, steps: int, root: Path) -> dict:
     cache = root / "zimage-cache"
-    runs = {"cold": child(model, device, size, steps, cache, warm)}
+    runs = {"cold": child(model, device, size, steps, cache)}
     files = sorted((cache / "compile-artifacts").glob("*.zca"))
     saved = root / "artifacts"
     shutil.rmtree(saved, ignore_errors=True)
     saved.mkdir()
     for f in files:
         shutil.move(str(f), saved / f.name)
-    runs["local"] = child(model, device, size, steps, cache, warm)  # local caches only (it writes a file again: dropped)
+    runs["local"] = child(model, device, size, steps, cache)  # local caches only (it writes a file again: dropped)
     shutil.rmtree(cache / "compile-artifacts", ignore_errors=True)
     shutil.rmtree(cache / "inductor", ignore_errors=True)
     (cache / "compile-artifacts").mkdir(parents=True)
     for f in saved.iterdir():
         shutil.copy2(f, cache / "compile-artifacts" / f.name)
     mark = time.time()
-    runs["mega"] = child(model, device, size, steps, cache, warm)
+    runs["mega"] = child(model, device, size, steps, cache)
     # kernels the mega process built itself: C++ (.so) on the CPU, which the artifact does not carry; on CUDA
     # Triton's kernels come in the artifact (inductor bundles them into its FX-graph entries)
     runs["mega"]["kernels_built"] = {ext: sum(1 for f in (cache / "inductor").rglob(f"*.{ext}")
@@ -123,8 +116,6 @@ def main() -> None:
     p.add_argument("--size", default=None, help="WxH of the image (default 1024x1024 on CUDA, 256x256 on the CPU)")
     p.add_argument("--steps", type=int, default=None, help="default 8 on CUDA (the Turbo recipe), 2 on the CPU")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-warm-start", action="store_true",
-                   help="load without naming the first image (no graphs traced on a stand-in while loading)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args()
 
@@ -148,7 +139,7 @@ def main() -> None:
 
     repeats = []
     for i in range(args.repeats):
-        r = one_repeat(model, device, size, steps, work / f"repeat-{i}", not args.no_warm_start)
+        r = one_repeat(model, device, size, steps, work / f"repeat-{i}")
         repeats.append(r)
         print(f"repeat {i}: " + ", ".join(f"{s} {r[s].get('to_first_image_s', float('nan')):.2f}s" for s in SCENARIOS),
               flush=True)
@@ -160,13 +151,13 @@ def main() -> None:
         medians[s] = {k: round(statistics.median(run[k] for run in ok), 3) for k in PARTS} if ok else {
             "error": next(r[s]["error"] for r in repeats)}
     res = {"env": environment(), "model": model, "device": device, "size": list(size), "steps": steps,
-           "repeats": args.repeats, "warm_start": not args.no_warm_start, "median": medians,
+           "repeats": args.repeats, "median": medians,
            "artifact_bytes": statistics.median(r["artifact_bytes"] for r in repeats), "runs": repeats}
     if not gpu:
         res["env"]["device"] = "cpu"
     for s in SCENARIOS:
         print(s, medians[s])
-    print("wrote", write_json("compile_cache" + ("_no-warm-start" if args.no_warm_start else ""), res, args.out))
+    print("wrote", write_json("compile_cache", res, args.out))
 
 
 if __name__ == "__main__":

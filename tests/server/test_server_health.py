@@ -95,20 +95,3 @@ def test_worker_thread_gone_without_a_word_is_failed(make_client):
     r = c.get("/health")
     assert r.status_code == 503 and r.json()["status"] == "failed"
     assert c.post("/v1/jobs", json=BODY).status_code == 503
-
-
-def test_the_engine_is_loaded_knowing_the_warm_up_image(monkeypatch):
-    """The server's engine is told the warm-up generation (prompt and size) before it loads, so that its start-up
-    work (zimage.engine.warm_start: a compiled engine's graphs) overlaps the weight reads; without a warm-up, or
-    with warm prompts of the caller's own, the engine config is left as it is."""
-    from zimage.engine.config import EngineConfig
-    from zimage.server import app as server_app
-    from zimage.server.settings import WARMUP_PROMPT, ServerSettings
-
-    loaded = []
-    monkeypatch.setattr("zimage.engine.engine.Engine.load", staticmethod(lambda config: loaded.append(config)))
-    server_app.default_loader(ServerSettings(warmup_size=(512, 768)))()
-    assert loaded[0].warm_prompts == (WARMUP_PROMPT,) and loaded[0].warm_size == (512, 768)
-    assert ServerSettings(warmup_size=None).engine_to_load() == EngineConfig()
-    mine = EngineConfig(warm_prompts=("a fox",), warm_size=(256, 256))
-    assert ServerSettings(engine=mine).engine_to_load() is mine

@@ -63,7 +63,6 @@ class EngineReplica:
 
         from zimage.engine.engine import Engine
         from zimage.request import GenerateRequest
-        from zimage.server.settings import WARMUP_PROMPT, with_warm_up
 
         if torch_threads:
             # Process-wide, and this process is this replica's alone (a Ray actor): one engine, one thread pool.
@@ -72,14 +71,14 @@ class EngineReplica:
         _max_batch = max_batch
         self._batched.set_max_batch_size(max_batch)
         self._batched.set_batch_wait_timeout_s(batch_wait_s)
-        self.engine = Engine.load(with_warm_up(engine_config, warmup))  # its graphs traced while the weights load
+        self.engine = Engine.load(engine_config)
         if warmup is not None:
             w, h = warmup
-            self.engine.generate(GenerateRequest(prompts=(WARMUP_PROMPT,), width=w, height=h, steps=warmup_steps, seed=0))
+            self.engine.generate(GenerateRequest(prompts=("warm-up",), width=w, height=h, steps=warmup_steps, seed=0))
             if self.engine.speed == "compile" and max_batch > 1:
                 # A batch of 2 compiles the batch-dynamic graph every later batch size reuses (see the server's
                 # worker: without it the first batches under load stall on compilation).
-                self.engine.generate(GenerateRequest(prompts=(WARMUP_PROMPT,), width=w, height=h, steps=warmup_steps,
+                self.engine.generate(GenerateRequest(prompts=("warm-up",), width=w, height=h, steps=warmup_steps,
                                                      seed=0, n=2))
         log.info("replica ready (pid %d): %s", os.getpid(), self.engine.describe())
 

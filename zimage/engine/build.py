@@ -268,11 +268,7 @@ def _plan_warm_start(config: EngineConfig, target: Target, plan, checked, tokeni
     device = target.device
     eager = resolve_speed(config.speed, device, config.expected_images) == "eager"
     stand_in = None
-    # Compiled: runtime LoRA slots wrap the linears (other graphs than a plain stand-in's).
-    if device.type == "cuda" and (eager or not config.lora_slots):
+    if eager and device.type == "cuda":
         stand_in = stand_in_for(plan, checked["transformer"].network.config, target.dtype, tokenizer,
-                                config.warm_prompts, config.max_text_tokens, compiled=not eager,
-                                compile_cache=config.compile_cache)
-    # The decoder warm-up: eager, or compiled with the stand-in (compile mode replaces the decoder's forward).
-    decoder = eager or stand_in is not None
-    return WarmStart.plan(device, config.warm_prompts, vae if decoder else None, config.warm_size, stand_in)
+                                config.warm_prompts, config.max_text_tokens)
+    return WarmStart.plan(device, config.warm_prompts, vae if eager else None, config.warm_size, stand_in)

@@ -3,16 +3,12 @@
 Reading the text encoder and the 6B transformer takes the longest part of loading, and the GPU computes nothing
 meanwhile: the reads use the copy engines. So once the VAE (the first, smallest network) is on the device, a loader
 thread reads the other two (zimage.engine.engine.Engine.load) and the calling thread, the one that will generate,
-- decodes a zero latent at the first image's size, which pays cuDNN's start-up and loads the convolution kernels
-  the first decode uses (under compile speed, with the decoder compiled as zimage.speed.apply compiles it);
+- decodes a zero latent at the first image's size (eager speed only: compile mode replaces the decoder), which
+  pays cuDNN's start-up and loads the convolution kernels the first decode uses;
 - runs one denoising step of a stand-in transformer (eager speed, all-resident plan, when it fits): the same
   config cut to one block of each kind, zero weights, zero captions of the first prompt's token count, the first
   image's size. Every kernel the real forward launches (GEMM shapes, attention, norms, RoPE) is then loaded and
   chosen, and the caching allocator holds blocks of the forward's activation sizes;
-- under compile speed (all-resident plan, no runtime LoRA slots), the stand-in is fused and compiled as the real
-  transformer will be and its step compiles, or loads from inductor's caches, each block kind's graph: dynamo's
-  tracing of the blocks and the decoder (~5 s in a second process on an H200) happens while the weights are read,
-  and the first image reuses the graphs;
 - once the text encoder is in, encodes the prompts the caller already knows (the CLI passes its first ones) into
   the prompt cache, so the first generate skips the text encoder.
 It is the generating thread because part of that start-up is per thread (cuBLAS and cuDNN handles and workspaces):
@@ -45,8 +41,6 @@ class StandIn:
     config: dict  # the transformer's config.json
     dtype: object  # torch dtype of the real forward
     caption_tokens: int  # tokens of the first prompt with the chat template (at most max_text_tokens)
-    compiled: bool = False  # compile speed: the step compiles the blocks' graphs (and the VAE decoder's)
-    compile_cache: bool = True  # compiled: load the portable compile artifacts first (EngineConfig.compile_cache)
 
 
 class WarmStart:
@@ -68,9 +62,6 @@ class WarmStart:
 
     def before_text_encoder(self) -> None:
         """The decoder warm-up and the stand-in step (they need no text encoder)."""
-        if self.stand_in is not None and self.stand_in.compiled and self.size is not None:
-            self._attempt("graphs compiled on a stand-in", self._compiled_warm_up)
-            return
         if self.vae is not None and self.size is not None:
             self._attempt(f"decoder started at {self.size[0]}x{self.size[1]}", self._decoder)
         if self.stand_in is not None and self.size is not None:
@@ -106,30 +97,12 @@ class WarmStart:
         channels = self.vae.config.latent_channels
         decode_latents(self.vae, torch.zeros(1, channels, h // 8, w // 8, device=self.device))
 
-    def _compiled_warm_up(self) -> None:
-        """Compile speed: the stand-in prepared as zimage.speed.apply prepares the real transformer (fused, compiled,
-        the same attention kernel; the real VAE's decoder compiled), then, inside the compiled setup's settings and
-        with the portable artifacts loaded, one decode and one step. Dynamo keeps what it traced with the code (one
-        entry per block kind and shape, guarded on module classes and tensor shapes, not on which module), so the
-        real blocks of the first image reuse these graphs instead of tracing them once the weights are in."""
-        from zimage.speed.apply import SpeedSetup, compile_artifacts, prepare_compiled
-
-        spec = self.stand_in
-        model = stand_in_transformer(spec.config, self.device, spec.dtype)
-        backend = prepare_compiled(model, self.vae, self.device, fuse=True)  # stand-ins exist for resident plans
-        artifacts = compile_artifacts(model, self.vae, self.device, backend, spec.compile_cache)
-        with SpeedSetup("compile", backend, None, self.device, artifacts).scoped():
-            if self.vae is not None:
-                self._decoder()
-            self._stand_in_step(model)
-
-    def _stand_in_step(self, model=None) -> None:
-        """One step of `stand_in_transformer` (eager, native attention as eager speed uses, unless `model` is given)
-        at the first image's size and caption length."""
+    def _stand_in_step(self) -> None:
+        """One eager step of `stand_in_transformer` at the first image's size and caption length."""
         import torch
 
         spec = self.stand_in
-        model = model if model is not None else stand_in_transformer(spec.config, self.device, spec.dtype)
+        model = stand_in_transformer(spec.config, self.device, spec.dtype)  # native attention, as eager speed uses
         w, h = self.size
         caption = torch.zeros(spec.caption_tokens, model.config["cap_feat_dim"], dtype=spec.dtype, device=self.device)
         with torch.inference_mode():
@@ -149,18 +122,16 @@ def worth_it(device, prompt_texts, vae, size, stand_in) -> bool:
     return bool(decoder or (stand_in is not None and size is not None) or prompt_texts)
 
 
-def stand_in_for(plan, config: dict, dtype, tokenizer, prompt_texts, max_tokens: int, compiled: bool = False,
-                 compile_cache: bool = True) -> StandIn | None:
+def stand_in_for(plan, config: dict, dtype, tokenizer, prompt_texts, max_tokens: int) -> StandIn | None:
     """The stand-in step's spec, or None where it does not apply: only under the all-resident plan (an fp8 plan runs
     other kernels, a streamed one other code), only where the plan leaves room for its weights above the predicted
-    peak, and only with a known first prompt (its token count sets the caption's shape). `compiled`: for compile
-    speed (the caller leaves out loads with runtime LoRA slots, whose layers compile other graphs)."""
+    peak, and only with a known first prompt (its token count sets the caption's shape)."""
     if not prompt_texts or plan is None or plan.kind != "resident":
         return None
     if plan.budget_bytes - plan.peak_bytes < stand_in_bytes(config, dtype):
         return None
     tokens = min(tokenizer.count_tokens(tokenizer.template(prompt_texts[0])), max_tokens)
-    return StandIn(config, dtype, tokens, compiled, compile_cache)
+    return StandIn(config, dtype, tokens)
 
 
 def stand_in_transformer(config: dict, device, dtype):

@@ -36,7 +36,7 @@ def default_loader(settings: ServerSettings):
     def load():
         from zimage.engine.engine import Engine
 
-        return Engine.load(settings.engine_to_load())
+        return Engine.load(settings.engine)
 
     return load
 

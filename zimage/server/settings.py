@@ -12,7 +12,6 @@ API_KEY_ENV = "ZIMAGE_API_KEY"
 URL_SECRET_ENV = "ZIMAGE_URL_SECRET"
 DATA_DIR_ENV = "ZIMAGE_DATA_DIR"
 DATABASE_URL_ENV = "ZIMAGE_DATABASE_URL"  # read by the CLI for --database-url, as API_KEY_ENV for --api-key
-WARMUP_PROMPT = "warm-up"  # the prompt of the warm-up generation (worker, Ray engine replicas)
 
 
 def default_data_dir() -> Path:
@@ -61,12 +60,6 @@ class ServerSettings:
     previews: bool = True  # SSE "preview" events: a small JPEG of the latents every few steps
     log_level: str = "info"
 
-    def engine_to_load(self) -> EngineConfig:
-        """`engine`, told the warm-up generation's prompt and size (EngineConfig.warm_prompts / warm_size), so that
-        the engine starts that image's work while its weights are read (zimage.engine.warm_start: under compile
-        speed the blocks' and the decoder's graphs)."""
-        return with_warm_up(self.engine, self.warmup_size)
-
     @property
     def db_path(self) -> Path:
         return Path(self.data_dir) / "jobs.db"
@@ -74,13 +67,3 @@ class ServerSettings:
     @property
     def images_dir(self) -> Path:
         return Path(self.data_dir) / "images"
-
-
-def with_warm_up(engine: EngineConfig, size: tuple[int, int] | None) -> EngineConfig:
-    """`engine` warmed for the warm-up generation at `size` (None: no warm-up, unchanged); prompts or a size the
-    config already names are kept."""
-    from dataclasses import replace
-
-    if size is None or engine.warm_prompts or engine.warm_size:
-        return engine
-    return replace(engine, warm_prompts=(WARMUP_PROMPT,), warm_size=tuple(size))

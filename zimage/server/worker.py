@@ -24,7 +24,6 @@ from zimage.engine.batching import plan_groups
 from zimage.errors import ZImageError
 from zimage.request import GenerateRequest
 from zimage.server.jobs import JobRecord, JobStore
-from zimage.server.settings import WARMUP_PROMPT
 
 log = logging.getLogger("zimage.server")
 
@@ -226,13 +225,13 @@ class Worker:
         self.detail = "warming up"
         w, h = self.settings.warmup_size
         t0 = time.perf_counter()
-        self.engine.generate(GenerateRequest(prompts=(WARMUP_PROMPT,), width=w, height=h,
+        self.engine.generate(GenerateRequest(prompts=("warm-up",), width=w, height=h,
                                              steps=self.settings.warmup_steps, seed=0))
         if self.engine.speed == "compile" and self.settings.max_batch > 1:
             # Compiled graphs specialise on batch size 1; a batch of 2 compiles the batch-dynamic graph that every
             # later batch size reuses. Without this, the first batches under load stall on compilation (measured
             # on an H200: p99 22 s against 9.6 s, throughput 0.64x the engine alone).
-            self.engine.generate(GenerateRequest(prompts=(WARMUP_PROMPT,), width=w, height=h,
+            self.engine.generate(GenerateRequest(prompts=("warm-up",), width=w, height=h,
                                                  steps=self.settings.warmup_steps, seed=0, n=2))
         log.info("warm-up (%dx%d, %d steps) took %.2fs", w, h, self.settings.warmup_steps, time.perf_counter() - t0)
 

@@ -109,7 +109,7 @@ def apply_speed(parts, mode: str, plan, expected_images: int | None = None, max_
     is the prompt encoder's limit (the largest text-graph bucket). `compile_cache`: load and save the portable
     compile artifacts (zimage.speed.compile_cache; ZIMAGE_COMPILE_CACHE=0 turns them off too)."""
     from zimage.models.z_image import NATIVE
-    from zimage.speed.attention import set_attention_backend
+    from zimage.speed.attention import choose_attention_backend, set_attention_backend
     from zimage.speed.text_graphs import graphed_text_encoder
 
     device, transformer = parts.device, parts.transformer
@@ -126,50 +126,34 @@ def apply_speed(parts, mode: str, plan, expected_images: int | None = None, max_
     # separate projections are fastest (142 ms/forward; fused 144, cuDNN 145-150); compiled, fused projections
     # with cuDNN attention are (96.4 ms against 98.3 unfused).
     if concrete == "compile":
+        backend = choose_attention_backend(device)
         # Fusing allocates each fused weight before freeing its parts: only under the all-resident bf16 plan (a
         # 16 GiB cap once ran out of memory there). fp8 plans ("resident+fp8") keep their separately scaled layers.
-        backend = prepare_compiled(transformer, parts.vae, device, fuse=plan is None or plan.kind == "resident")
+        if plan is None or plan.kind == "resident":
+            from zimage.speed.fuse import fuse_block
+
+            for block in transformer.blocks():
+                fuse_block(block)
+        compile_blocks(transformer, parts.vae, device)
     else:
         backend = NATIVE
         uncompile(transformer, parts.vae)  # blocks compiled under an earlier placement run eager again
-        set_attention_backend(transformer, backend)
+    set_attention_backend(transformer, backend)
     # Compile mode: a new prompt's ~700 eager launches (~28 ms on an H200) become one graph replay. Only the prompt
     # encoder calls the replay; parts.text_encoder stays the module the memory policy places.
     text = graphed_text_encoder(parts.text_encoder, device, plan, max_text_tokens) if concrete == "compile" else None
     if text is not None:
         log.info("text encoder: CUDA graphs per prompt-length bucket, captured on first use")
-    artifacts = compile_artifacts(transformer, parts.vae, device, backend, compile_cache) if concrete == "compile" \
-        else None
+    artifacts = None
+    if concrete == "compile":
+        from zimage.speed import compile_cache as portable
+
+        if portable.enabled(compile_cache):
+            artifacts = portable.CompileArtifacts(*portable.compile_key(transformer, parts.vae, device, {
+                "mode": concrete, "attention": backend, "recompile_limit": RECOMPILE_LIMIT, "fullgraph": True,
+                "fused": hasattr(transformer.blocks()[0].attention, "to_qkv"),
+                "graphs": ["blocks"] + (["vae_decoder"] if device.type == "cuda" else [])}))
     return SpeedSetup(concrete, backend, text if text is not None else parts.text_encoder, device, artifacts)
-
-
-def prepare_compiled(transformer, vae, device, fuse: bool) -> str:
-    """Compile mode's changes to the networks (q/k/v and w1/w3 fused when `fuse`, blocks and the VAE decoder
-    compiled, the attention kernel chosen); returns the attention backend. Also what the start-up work of a
-    compiled load does to its stand-in transformer (zimage.engine.warm_start), so both compile the same graphs."""
-    from zimage.speed.attention import choose_attention_backend, set_attention_backend
-
-    backend = choose_attention_backend(device)
-    if fuse:
-        from zimage.speed.fuse import fuse_block
-
-        for block in transformer.blocks():
-            fuse_block(block)
-    compile_blocks(transformer, vae, device)
-    set_attention_backend(transformer, backend)
-    return backend
-
-
-def compile_artifacts(transformer, vae, device, backend: str, compile_cache: bool = True):
-    """The portable compile artifacts of this compiled setup (zimage.speed.compile_cache), or None when off."""
-    from zimage.speed import compile_cache as portable
-
-    if not portable.enabled(compile_cache):
-        return None
-    return portable.CompileArtifacts(*portable.compile_key(transformer, vae, device, {
-        "mode": "compile", "attention": backend, "recompile_limit": RECOMPILE_LIMIT, "fullgraph": True,
-        "fused": hasattr(transformer.blocks()[0].attention, "to_qkv"),
-        "graphs": ["blocks"] + (["vae_decoder"] if device.type == "cuda" else [])}))
 
 
 def compile_blocks(transformer, vae, device) -> None:
@@ -180,7 +164,7 @@ def compile_blocks(transformer, vae, device) -> None:
     with inductor_cache_folder():  # torch.compile's first call looks inductor's folder up (and sets it)
         for block in transformer.blocks():
             block.compile(fullgraph=True)
-        if device.type == "cuda" and vae is not None:
+        if device.type == "cuda":
             vae.to(memory_format=torch.channels_last)  # NHWC: cuDNN's fast layout for bf16 convolutions
             vae.decoder.compile()  # fuses GroupNorm + SiLU around the convolutions
         folder = os.environ["TORCHINDUCTOR_CACHE_DIR"]

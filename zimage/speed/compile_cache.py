@@ -12,9 +12,8 @@ One file per configuration, in zimage's cache next to the inductor folder (zimag
     <zimage cache>/compile-artifacts/<slot>.zca
 
 `slot` hashes what is compiled: device (GPU name and compute capability, or the CPU's architecture), dtypes, the
-speed setup (mode, attention backend, fused projections, which graphs), the transformer's config (less its block
-counts) and the distinct structures of its blocks (module classes, parameter shapes and dtypes: fp8 and runtime
-LoRA layers compile other graphs). The file's header
+speed setup (mode, attention backend, fused projections, which graphs), the transformer's config and structure
+(module classes, parameter shapes and dtypes: fp8 and runtime LoRA layers compile other graphs). The file's header
 holds the whole key: those, plus the build (torch incl. CUDA/HIP, Triton, Python) and a hash of zimage's own model
 and speed source (zimage/models, zimage/speed), so an edited forward or an upgraded torch never loads a stale
 artifact: a header whose key differs is not loaded, and the file is overwritten once this process has compiled.
@@ -106,34 +105,23 @@ def device_id(device) -> dict:
     return {"type": device.type}
 
 
-def module_digest(module) -> str:
-    """sha256 of one module's classes, parameter and buffer shapes and dtypes (not their values)."""
-    h = hashlib.sha256()
-    for name, sub in module.named_modules():
-        h.update(f"{name}:{type(sub).__module__}.{type(sub).__qualname__}\n".encode())
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
-    return h.hexdigest()
-
-
 def structure_digest(modules) -> str:
-    """sha256 of the distinct module structures among `modules` (module_digest): a graph is compiled per block kind,
-    so 30 joint blocks and 1 give the same digest, and a stand-in with one block of each kind (zimage.engine.
-    warm_start) compiles into the same file as the whole model."""
-    return hashlib.sha256("\n".join(sorted({module_digest(m) for m in modules})).encode()).hexdigest()
-
-
-# Transformer config keys that only count blocks: they change no compiled graph (see structure_digest).
-BLOCK_COUNTS = ("n_layers", "n_refiner_layers")
+    """sha256 of the modules' classes, parameter and buffer shapes and dtypes (not their values)."""
+    h = hashlib.sha256()
+    for i, module in enumerate(modules):
+        for name, sub in module.named_modules():
+            h.update(f"{i}.{name}:{type(sub).__module__}.{type(sub).__qualname__}\n".encode())
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            h.update(f"{i}.{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+    return h.hexdigest()
 
 
 def compile_key(transformer, vae, device, speed: dict) -> tuple[str, dict]:
     """(slot, key): the file's name and the full key its header must match. `speed` describes the setup."""
     graphs = list(transformer.blocks()) + ([vae.decoder] if "vae_decoder" in speed.get("graphs", ()) else [])
     dtypes = sorted({str(p.dtype) for m in graphs for p in m.parameters()})
-    config = {k: v for k, v in getattr(transformer, "config", {}).items() if k not in BLOCK_COUNTS}
     what = {"device": device_id(device), "dtypes": dtypes, "speed": speed,
-            "config": json.loads(json.dumps(config, sort_keys=True, default=str)),
+            "config": json.loads(json.dumps(getattr(transformer, "config", {}), sort_keys=True, default=str)),
             "structure": structure_digest(graphs)}
     slot = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
     key = {**what, "build": build_id(), "source": source_digest()}
