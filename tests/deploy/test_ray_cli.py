@@ -69,3 +69,30 @@ def test_workers_keep_this_process_pythonpath():
 
     assert worker_pythonpath({"PYTHONPATH": "/opt/site"}).split(os.pathsep) == [str(ROOT), "/opt/site"]
     assert worker_pythonpath({}) == str(ROOT)
+
+
+INTERRUPTED_ON_ANOTHER_THREAD = """
+import signal, sys, threading, time
+from zimage.deploy.ray_cli import wait_until_interrupted
+
+def poke():  # SIGINT to this thread, not the main one: the kernel may pick any thread that does not block it
+    time.sleep(0.3)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+threading.Thread(target=poke, daemon=True).start()
+t = time.monotonic()
+try:
+    wait_until_interrupted(poll_s=0.5)
+except KeyboardInterrupt:
+    print(time.monotonic() - t)
+"""
+
+
+def test_ctrl_c_is_seen_even_when_another_thread_receives_the_signal():
+    """A SIGINT delivered to a thread other than the main one (Ray's native threads accept it) only marks it pending;
+    a main thread in one long time.sleep never saw it (the process slept on). wait_until_interrupted's short sleeps
+    see it within one of them."""
+    out = subprocess.run([sys.executable, "-c", INTERRUPTED_ON_ANOTHER_THREAD], capture_output=True, text=True,
+                         timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 5.0

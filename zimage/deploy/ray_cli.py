@@ -13,6 +13,9 @@ from zimage.errors import UsageError
 
 log = logging.getLogger("zimage.deploy")
 
+# Seconds between the main thread's wake-ups while it serves: how late a Ctrl-C may be seen (wait_until_interrupted).
+POLL_S = 1.0
+
 
 def worker_pythonpath(environ=os.environ) -> str:
     """PYTHONPATH for a local cluster's workers: the zimage this process runs (a checkout, a virtualenv) first, so
@@ -23,6 +26,15 @@ def worker_pythonpath(environ=os.environ) -> str:
 
     root = str(Path(zimage.__file__).resolve().parent.parent)
     return os.pathsep.join(p for p in (root, environ.get("PYTHONPATH")) if p)
+
+
+def wait_until_interrupted(poll_s: float = POLL_S) -> None:
+    """Return only by KeyboardInterrupt (Ctrl-C, SIGINT), within `poll_s` of it. In short sleeps: Ray's native
+    threads leave SIGINT unblocked, so the kernel may deliver it to one of them; CPython then only marks it pending
+    for the main thread, which acts on it at its next bytecode, not inside a long time.sleep (a `zimage serve --ray`
+    once ignored Ctrl-C that way, seen in tests/deploy/test_ray_cli.py)."""
+    while True:
+        time.sleep(poll_s)
 
 
 def run_ray(settings, replicas: int = 1, autoscale: tuple[int, int] | None = None, address: str | None = None,
@@ -48,8 +60,7 @@ def run_ray(settings, replicas: int = 1, autoscale: tuple[int, int] | None = Non
                   blocking=False)
         log.info("zimage on Ray Serve at http://%s:%d (%s engine replicas)", settings.host, settings.port,
                  f"{autoscale[0]}..{autoscale[1]}" if autoscale else replicas)
-        while True:
-            time.sleep(3600)
+        wait_until_interrupted()
     except KeyboardInterrupt:
         pass
     finally:
