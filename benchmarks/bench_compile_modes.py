@@ -2,7 +2,7 @@
 speed) against max-autotune's GEMM templates (Triton matmuls chosen by benchmarking, with the elementwise work
 around them fused into their prologues and epilogues), to measure that lever (issue 19, part 2).
 
-    python benchmarks/bench_compile_modes.py [--modes default,max-autotune-no-cudagraphs] [--out DIR]
+    python benchmarks/bench_compile_modes.py [--modes eager,default,max-autotune-no-cudagraphs] [--out DIR]
 
 The full-size transformer, random weights (seed 0, the same in every mode), bf16, on CUDA, prepared as zimage's
 compile speed prepares it (q/k/v and w1/w3 fused, cuDNN attention on Hopper, every block compiled with fullgraph);

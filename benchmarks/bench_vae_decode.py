@@ -25,13 +25,12 @@ CHILD = r"""
 import json, statistics, sys, time
 t0 = time.perf_counter()
 import torch
-from zimage.models.published import FULL_VAE
+from zimage.models.published import FULL_VAE, VAE_LAYOUT
 from zimage.models.vae import VAEDecoder
-compiled, autotune, h, w, repeats = sys.argv[1] == "1", sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-config = dict(FULL_VAE, in_channels=3, out_channels=3, latent_channels=16, up_block_types=("UpDecoderBlock2D",) * 4,
-              use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+compiled, autotune = sys.argv[1] == "1", sys.argv[2] == "1"
+h, w, repeats = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 with torch.device("cuda"):
-    vae = VAEDecoder(config).to(torch.bfloat16)
+    vae = VAEDecoder({**VAE_LAYOUT, **FULL_VAE}).to(torch.bfloat16)
 vae.to(memory_format=torch.channels_last)  # as zimage.speed.apply.compile_blocks does
 if compiled:
     vae.decoder.compile()
@@ -54,8 +53,7 @@ print(json.dumps({"first_call_s": first, "steady_s": statistics.median(times), "
 
 
 def run_child(compiled: bool, autotune: bool, size, repeats: int, cache: Path) -> dict:
-    env = package_env(REPO)
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    env = package_env(REPO, TORCHINDUCTOR_CACHE_DIR=str(cache))
     env.pop("TRITON_CACHE_DIR", None)
     out = subprocess.run([sys.executable, "-c", CHILD, str(int(compiled)), str(int(autotune)), str(size[1]),
                           str(size[0]), str(repeats)], env=env, capture_output=True, text=True, check=False)

@@ -12,3 +12,7 @@ FULL_TEXT = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960)
 # vae/config.json (the Flux VAE as AutoencoderKL), the keys that set its size.
 FULL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+# ... and the keys it shares with the tiny stand-in: channels, block kinds, latent normalisation, no quant convs.
+VAE_LAYOUT = dict(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.3611, shift_factor=0.1159,
+                  use_quant_conv=False, use_post_quant_conv=False)

@@ -16,7 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from zimage.models.published import FULL_TEXT, FULL_TRANSFORMER, FULL_VAE  # noqa: F401 (re-exported)
+from zimage.models.published import FULL_TEXT, FULL_TRANSFORMER, FULL_VAE, VAE_LAYOUT  # noqa: F401 (re-exported)
 
 TINY_VERSION = 1  # bump when the tiny architecture changes, so caches rebuild
 
@@ -114,12 +114,7 @@ def _build(folder: Path, full_size: bool, device: str) -> Path:
     with torch.device(device):
         transformer = ZImageTransformer2DModel(**(FULL_TRANSFORMER if full_size else TINY_TRANSFORMER))
         text_encoder = Qwen3Model(Qwen3Config(**text_shape, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True))
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=16,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
-            **(FULL_VAE if full_size else TINY_VAE),
-        )
+        vae = AutoencoderKL(**VAE_LAYOUT, **(FULL_VAE if full_size else TINY_VAE))
     if not full_size:
         # The constructors zero the pad tokens and some modulation layers; give them values so that tests see
         # every parameter matter (a wrong mapping or a skipped tensor changes the output).
