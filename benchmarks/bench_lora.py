@@ -12,8 +12,9 @@ Writes random LoRAs (diffusers layout, bf16, every linear layer of the transform
    dynamo compiled anything new (no recompile);
 4. diffusers: from_pretrained, load_lora_weights + fuse_lora at the smallest rank: time, s/image.
 5. faithfulness in bf16: the final latents of one image with the smallest-rank LoRA through the runtime slots
-   (compiled: fused q/k/v and w1/w3 with their slots' parts) against the same LoRA merged (eager), as a relative L2,
-   next to the bf16 noise of the same run: plain compiled against plain eager.
+   (compiled: fused q/k/v and w1/w3 with their slots' parts, in the one-GEMM form of zimage.speed.lora_wide), and
+   of the same image in a batch beside another set (the mixed-slot path), against the same LoRA merged (eager), as
+   relative L2s, next to the bf16 noise of the same run: plain compiled against plain eager.
 Prints a table; writes JSON.
 """
 
@@ -85,6 +86,21 @@ def final_latents(engine, loras=()):
     slots = engine.loras.row_slots([req])
     out, _ = engine.denoise(cond, engine.noise(req.image_seeds(), req), req, lora_slots=slots)
     return out.float().cpu()
+
+
+def mixed_first_latents(engine, loras, other):
+    """final_latents' request run in a batch beside a request with another set (the mixed-slot path): the first
+    row's final latents."""
+    from zimage.request import GenerateRequest
+
+    w, h = SIZE
+    req = GenerateRequest(prompts=(PROMPT,), width=w, height=h, steps=STEPS, seed=1234, loras=loras)
+    beside = GenerateRequest(prompts=(PROMPT + ", at night",), width=w, height=h, steps=STEPS, seed=99, loras=other)
+    cond, _ = engine.encode([req, beside])
+    slots = engine.loras.row_slots([req, beside])
+    noise = engine.noise(req.image_seeds() + beside.image_seeds(), req)
+    out, _ = engine.denoise(cond, noise, req, lora_slots=slots)
+    return out[:1].float().cpu()
 
 
 def rel_l2(a, b) -> float:
@@ -171,11 +187,20 @@ def main() -> None:
     res["runtime_load_s"] = time.perf_counter() - t
     runtime = {}
     one = (f"{files[ranks[0]][0]}:0.8",)
-    image_seconds(engine, 1, loras=one)  # warm-up: compiles the blocks with their LoRA layers
-    image_seconds(engine, 1, mixed=[(f"{files[top][k]}:0.8",) for k in range(SLOTS)])  # batch-dynamic graphs too
+    t = time.perf_counter()
+    engine.warm_up(*SIZE, 2, max_batch=4)  # what a server does before it takes requests (Engine.warm_up)
+    runtime["warm_up_s"] = time.perf_counter() - t
+    graphs = compiles()
+    image_seconds(engine, 1, loras=one)  # the LoRA files read, the slots written
+    image_seconds(engine, 1, mixed=[(f"{files[top][k]}:0.8",) for k in range(SLOTS)])
     image_seconds(engine, 1, n=4, loras=one)
+    runtime["new_graphs_after_warm_up"] = compiles() - graphs  # prompts of other lengths may add some
     runtime["vs_merged_rel_l2"] = rel_l2(final_latents(engine, low_lora), merged_latents)
+    runtime["mixed_row_vs_merged_rel_l2"] = rel_l2(mixed_first_latents(engine, low_lora, (f"{files[top][1]}:0.8",)),
+                                                   merged_latents)
     runtime["fused"] = hasattr(engine.transformer.layers[0].attention, "to_qkv")  # q/k/v one layer of 3 parts
+    qkv = getattr(engine.transformer.layers[0].attention, "to_qkv", None)
+    runtime["widened"] = type(getattr(qkv, "base", None)).__name__ == "WideLinear"  # the one-GEMM form
     for r in ranks:
         runtime[f"r{r}_s"], runtime[f"r{r}_all_s"] = image_seconds(engine, args.repeats, loras=(f"{files[r][0]}:0.8",))
     runtime["none_s"], _ = image_seconds(engine, args.repeats)
@@ -254,7 +279,9 @@ def main() -> None:
         print(f"runtime, bucket {r}: r{r} {m[f'r{r}_s']:.3f} s/image = {m[f'r{r}_s'] / res['plain_s']:.3f}x plain, "
               f"no LoRA {m['none_s'] / res['plain_s']:.3f}x; batch of 4 mixed/same "
               f"{m['same_batch4_s'] / m['mixed_batch4_s']:.3f}x")
-    print(f"bf16: runtime (fused: {rt['fused']}) vs merged rel L2 {rt['vs_merged_rel_l2']:.4f}; "
+    print(f"warm-up {rt['warm_up_s']:.1f}s, graphs compiled after it {rt['new_graphs_after_warm_up']}")
+    print(f"bf16: runtime (fused: {rt['fused']}, widened: {rt['widened']}) vs merged rel L2 "
+          f"{rt['vs_merged_rel_l2']:.4f}, the same image in a mixed batch {rt['mixed_row_vs_merged_rel_l2']:.4f}; "
           f"compile vs eager, no LoRA {res['bf16_noise_rel_l2']:.4f}; "
           f"the LoRA's own effect {res['lora_effect_rel_l2']:.4f}")
     print(f"switch: slot write {rt['slot_write_s'] * 1000:.1f} ms, first image after {rt['switch_overhead_s']:+.3f}s, "

@@ -78,7 +78,7 @@ def latents(engine, req):
 def load(tiny_folder, **config):
     from zimage.engine.engine import Engine
 
-    return Engine.load(model=str(tiny_folder), device="cpu", dtype="fp32", speed="eager", **config)
+    return Engine.load(**{"model": str(tiny_folder), "device": "cpu", "dtype": "fp32", "speed": "eager", **config})
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "kohya", "ai-toolkit", "diffsynth"])
@@ -220,5 +220,32 @@ def test_runtime_slots_survive_fused_projections(tiny_folder, files, pipe):
     b = GenerateRequest(**REQ, seed=6, loras=(f"{files['a_rt']}:0.5", f"{files['b']}:0.8"))
     got = latents(engine, b)  # a new set: written into the fused layers' parts
     assert (got - reference(pipe, [(files["a_rt"], 0.5), (files["b"], 0.8)], 6)).abs().max().item() <= TOL
+    plain = latents(engine, GenerateRequest(**REQ, seed=5))
+    assert (plain - reference(pipe, [], 5)).abs().max().item() <= TOL
+
+
+def test_compile_speed_widens_the_slots_and_their_one_gemm_form_equals_diffusers(tiny_folder, files, pipe,
+                                                                                 monkeypatch):
+    """Under the compile speed the fused blocks' LoRA layers are widened (zimage.speed.lora_wide). Their compiled
+    code path (run here uncompiled, as dynamo traces it) gives diffusers' latents for one set, for two sets that
+    share a batch (the mixed path) and for no set."""
+    from zimage.models.lora import WideLinear
+    from zimage.speed.apply import uncompile
+
+    engine = load(tiny_folder, lora_slots=2, lora_rank=8, speed="compile")
+    block = engine.transformer.layers[0]
+    assert all(isinstance(m.base, WideLinear) for m in (block.attention.to_qkv, block.feed_forward.w13,
+                                                        block.feed_forward.w2))
+    uncompile(engine.transformer, engine.vae)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    a = GenerateRequest(**REQ, seed=5, loras=(f"{files['a_rt']}:0.7",))
+    assert (latents(engine, a) - reference(pipe, [(files["a_rt"], 0.7)], 5)).abs().max().item() <= TOL
+    b = GenerateRequest(**REQ, seed=6, loras=(f"{files['b']}:0.8",))
+    cond, _ = engine.encode([a, b])
+    noise = engine.noise(a.image_seeds() + b.image_seeds(), a)
+    both, _ = engine.denoise(cond, noise, a, lora_slots=engine.loras.row_slots([a, b]))
+    assert engine.loras.runtime.rows.mixed
+    assert (both[1:] - reference(pipe, [(files["b"], 0.8)], 6)).abs().max().item() <= TOL
+    assert (both[:1] - reference(pipe, [(files["a_rt"], 0.7)], 5)).abs().max().item() <= TOL
     plain = latents(engine, GenerateRequest(**REQ, seed=5))
     assert (plain - reference(pipe, [], 5)).abs().max().item() <= TOL

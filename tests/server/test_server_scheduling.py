@@ -124,26 +124,36 @@ def test_failed_batch_isolates_the_bad_job(make_client, gated, wait_status):
     assert failed["status"] == "failed" and failed["error"]["code"] == "runtime_error"
 
 
-def test_compiled_engine_is_warmed_at_batch_one_and_two():
+def test_compiled_engine_is_warmed_at_batch_one_and_two_and_through_the_mixed_lora_path():
     """Compiled graphs specialise on batch size 1; warming a batch of 2 as well compiles the batch-dynamic graph
-    that later batches reuse, so the first batches under load do not stall on compilation (seen on an H200)."""
+    that later batches reuse, so the first batches under load do not stall on compilation (seen on an H200). With
+    runtime LoRA slots a batch mixing sets has a graph of its own: the batch of 2 runs once more through it."""
     from types import SimpleNamespace
 
+    from zimage.engine.engine import Engine
+    from zimage.engine.loras import RuntimeSlots
+    from zimage.models.lora import LoraRows
     from zimage.server.worker import Worker
 
     calls = []
-    engine = SimpleNamespace(speed="compile", generate=lambda req, *a, **k: calls.append((req.num_images, req.width)))
-    for max_batch, want in ((8, [(1, 256), (2, 256)]), (1, [(1, 256)])):
+    rows = LoraRows()
+    runtime = RuntimeSlots(None, [], rows, slots=4, rank=8)
+    engine = SimpleNamespace(speed="compile", loras=SimpleNamespace(runtime=None), config=SimpleNamespace(lora_slots=0),
+                             generate=lambda req, *a, **k: calls.append((req.num_images, req.width, rows.force_mixed)))
+    engine.warm_up = lambda *a: Engine.warm_up(engine, *a)
+    cases = (("compile", 8, None, [(1, 256, False), (2, 256, False)]), ("compile", 1, None, [(1, 256, False)]),
+             ("eager", 8, None, [(1, 256, False)]),  # eager has nothing to specialise
+             ("compile", 8, runtime, [(1, 256, False), (2, 256, False), (2, 256, True)]),
+             ("compile", 1, runtime, [(1, 256, False)]))
+    for speed, max_batch, slots, want in cases:
         calls.clear()
-        settings = SimpleNamespace(warmup_size=(256, 256), warmup_steps=2, max_batch=max_batch)
+        engine.speed, engine.loras.runtime, engine.config.lora_slots = speed, slots, 4 if slots else 0
         worker = Worker.__new__(Worker)  # only the warm-up is exercised
-        worker.engine, worker.settings = engine, settings
+        worker.engine = engine
+        worker.settings = SimpleNamespace(warmup_size=(256, 256), warmup_steps=2, max_batch=max_batch)
         worker._warm_up()
-        assert calls == want
-    engine.speed, settings.max_batch = "eager", 8
-    calls.clear()
-    worker._warm_up()
-    assert calls == [(1, 256)]  # eager has nothing to specialise
+        assert calls == want, (speed, max_batch, slots)
+        assert not rows.force_mixed
 
 
 def test_gpu_worker_starts_next_batch_while_images_are_encoded(make_client, gated, wait_status, monkeypatch):

@@ -62,7 +62,6 @@ class EngineReplica:
         import torch
 
         from zimage.engine.engine import Engine
-        from zimage.request import GenerateRequest
 
         if torch_threads:
             # Process-wide, and this process is this replica's alone (a Ray actor): one engine, one thread pool.
@@ -74,12 +73,7 @@ class EngineReplica:
         self.engine = Engine.load(engine_config)
         if warmup is not None:
             w, h = warmup
-            self.engine.generate(GenerateRequest(prompts=("warm-up",), width=w, height=h, steps=warmup_steps, seed=0))
-            if self.engine.speed == "compile" and max_batch > 1:
-                # A batch of 2 compiles the batch-dynamic graph every later batch size reuses (see the server's
-                # worker: without it the first batches under load stall on compilation).
-                self.engine.generate(GenerateRequest(prompts=("warm-up",), width=w, height=h, steps=warmup_steps,
-                                                     seed=0, n=2))
+            self.engine.warm_up(w, h, warmup_steps, max_batch)  # the graphs the first batches would stall on
         log.info("replica ready (pid %d): %s", os.getpid(), self.engine.describe())
 
     def describe(self) -> dict:

@@ -173,11 +173,13 @@ def plan_sizes(config: EngineConfig, target: Target, checked: dict):
     """The ModelSizes plans are made from: the folder's tensors, plus the runtime LoRA slots when enabled."""
     from zimage.engine.loras import slot_bytes
     from zimage.memory.sizes import with_extra_transformer_bytes
+    from zimage.speed.modes import resolve_speed
 
     sizes = model_sizes_of(checked, target, config)
     if config.lora_slots:
+        compiled = resolve_speed(config.speed, target.device, config.expected_images) == "compile"
         blocks, rest = slot_bytes(checked["transformer"].network.module, config.lora_slots, config.lora_rank,
-                                  target.dtype.itemsize)
+                                  target.dtype.itemsize, widened=compiled)
         sizes = with_extra_transformer_bytes(sizes, blocks, rest)
     return sizes
 

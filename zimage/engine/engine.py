@@ -250,6 +250,23 @@ class Engine:
         return decode_latents(self.vae, latents, tile=self.policy.plan.tiled_decode)
 
     # ---------------------------------------------------------------- all three
+    def warm_up(self, width: int, height: int, steps: int, max_batch: int = 1) -> None:
+        """Compile, before a service takes requests, the graphs its first batches would otherwise stall on (a few
+        seconds each on an H200, minutes of queue under load): one image; under compile with batches of 2 or more,
+        a batch of 2 (graphs specialise on batch size 1 first; the batch-dynamic graph then serves every later
+        size); and with runtime LoRA slots, that batch once more through the mixed-slot path (zimage.models.lora:
+        a batch whose rows use different sets has its own graph). Eager mode makes one image (its caches)."""
+        one = dict(prompts=("warm-up",), width=width, height=height, steps=steps, seed=0)
+        self.generate(GenerateRequest(**one))
+        if self.speed != "compile" or max_batch < 2:
+            return
+        two = GenerateRequest(**one, n=2)
+        self.generate(two)
+        runtime = self.loras.runtime
+        if runtime is not None and self.config.lora_slots >= 2:
+            with runtime.forcing_mixed():
+                self.generate(two)
+
     def generate(self, request: GenerateRequest, on_progress=None, cancel=None) -> GenerateResult:
         """Make every image of `request`. `on_progress(Progress)` is called at step boundaries; `cancel.is_set()`
         (e.g. a threading.Event) is checked there too and raises GenerationCancelled."""

@@ -13,6 +13,7 @@ loaded networks before anything changes):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import OrderedDict
@@ -157,6 +158,15 @@ class RuntimeSlots:
         self.held[key] = slot
         return slot
 
+    @contextlib.contextmanager
+    def forcing_mixed(self):
+        """Every batch takes the mixed-slot path while inside (the warm-up compiles its graph so)."""
+        self.rows.force_mixed = True
+        try:
+            yield
+        finally:
+            self.rows.force_mixed = False
+
     def write(self, slot: int, factors: dict) -> None:
         """Slot `slot` of every target <- factors {name: (down, up)}; targets the set leaves out are cleared. Layers
         are looked up by name each time: zimage.speed.fuse may have fused q/k/v and w1/w3 into one layer each
@@ -168,8 +178,12 @@ class RuntimeSlots:
             layer.write(slot, *factors.get(name, (None, None)), part=part)
 
 
-def slot_bytes(transformer, slots: int, rank: int, dtype_bytes: int) -> tuple[dict[int, int], int]:
-    """Bytes of the runtime slots on `transformer` (meta is fine): ({main block index: bytes}, bytes elsewhere)."""
+def slot_bytes(transformer, slots: int, rank: int, dtype_bytes: int,
+               widened: bool = False) -> tuple[dict[int, int], int]:
+    """Bytes of the runtime slots on `transformer` (meta is fine): ({main block index: bytes}, bytes elsewhere).
+    `widened`: the compiled plan's one-GEMM form adds one slot's up factors beside the widened weights
+    (zimage.speed.lora_wide)."""
+    from zimage.speed.lora_wide import extension_bytes
     from zimage.weights.lora import linear_shapes
 
     shapes = linear_shapes(transformer)
@@ -178,6 +192,8 @@ def slot_bytes(transformer, slots: int, rank: int, dtype_bytes: int) -> tuple[di
     for name in runtime_targets(transformer):
         out_f, in_f = shapes[name]
         n = slots * rank * (in_f + out_f) * dtype_bytes  # lora_down (S, R, in) + lora_up (S, out, R)
+        if widened:
+            n += extension_bytes(name, out_f, rank, dtype_bytes)
         head, _, tail = name.partition(".")
         if head == "layers":
             i = int(tail.partition(".")[0])

@@ -225,14 +225,9 @@ class Worker:
         self.detail = "warming up"
         w, h = self.settings.warmup_size
         t0 = time.perf_counter()
-        self.engine.generate(GenerateRequest(prompts=("warm-up",), width=w, height=h,
-                                             steps=self.settings.warmup_steps, seed=0))
-        if self.engine.speed == "compile" and self.settings.max_batch > 1:
-            # Compiled graphs specialise on batch size 1; a batch of 2 compiles the batch-dynamic graph that every
-            # later batch size reuses. Without this, the first batches under load stall on compilation (measured
-            # on an H200: p99 22 s against 9.6 s, throughput 0.64x the engine alone).
-            self.engine.generate(GenerateRequest(prompts=("warm-up",), width=w, height=h,
-                                                 steps=self.settings.warmup_steps, seed=0, n=2))
+        # Without the batch of 2 it compiles (Engine.warm_up), the first batches under load stalled on compilation
+        # (measured on an H200: p99 22 s against 9.6 s, throughput 0.64x the engine alone).
+        self.engine.warm_up(w, h, self.settings.warmup_steps, self.settings.max_batch)
         log.info("warm-up (%dx%d, %d steps) took %.2fs", w, h, self.settings.warmup_steps, time.perf_counter() - t0)
 
     def _next_batch(self) -> list[_Pending] | None:

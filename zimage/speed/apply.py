@@ -131,9 +131,11 @@ def apply_speed(parts, mode: str, plan, expected_images: int | None = None, max_
         # 16 GiB cap once ran out of memory there). fp8 plans ("resident+fp8") keep their separately scaled layers.
         if plan is None or plan.kind == "resident":
             from zimage.speed.fuse import fuse_block
+            from zimage.speed.lora_wide import widen_lora_layers
 
             for block in transformer.blocks():
                 fuse_block(block)
+            widen_lora_layers(transformer)  # runtime LoRA slots: one GEMM when a batch uses one set
         compile_blocks(transformer, parts.vae, device)
     else:
         backend = NATIVE
