@@ -16,7 +16,7 @@ recompiles) the rows' factors are gathered and multiplied batch-wise (bmm: the s
 LLM servers, at image batch sizes). The up product accumulates into the base layer's output in place (one GEMM with
 beta = 1, `add_lora_delta_`): a separate `y + delta` would write the (B, L, out) delta and read it and y back, about
 as many bytes per linear as the base GEMM's output itself. Bytes, not FLOPs, are what a slot costs: measured on an
-H200 at 1024x1024 (compiled, fused), rank buckets 32 and 128 cost the same, 1.09-1.10x a plain forward. Writing the
+H200 at 1024x1024 (compiled, fused), rank buckets 32 and 128 cost the same, 1.09-1.10x a plain image. Writing the
 up product first and letting the base GEMM add onto it (addmm with beta = 1) was slower there (1.14x).
 
 Compiled, a batch whose LoRA rows all use one slot (the common case: one set per batch, or none) takes a cheaper
@@ -26,12 +26,13 @@ slot's up factors block-diagonally (part p's rows, part p's R columns; zeros els
     y = [x | x A^T] [W | E]^T        one GEMM; the input padded by P*R columns (written by x's producer) whose
                                       values the thin down GEMM fills in place (`fill_lora_down_`)
 so the delta accumulates in fp32 inside the base GEMM and the output is written once. Rows without LoRA get a
-zero down factor, so they add exactly 0. Which slot E holds follows the batch (`LoraRows.set` copies the slot in,
-about a millisecond for the whole network), never a recompile; a batch mixing slots takes the gathered path above
-(the graph guards on `LoraRows.mixed`: two graphs per shape, both compiled by the engine's warm-up).
-Measured per fused block at 1024x1024 (H200, bf16; benchmarks/experiments/lora_kext_probe.py): 1.07x a plain
-block at rank 32 against 1.12x for the in-place add. Widened: q/k/v, w1/w3 and w2; the attention output keeps
-the in-place add (its input is the attention kernel's output, which a pad would copy).
+zero down factor, so they add exactly 0. Which slot E holds follows the batch (`LoraRows.set` copies the slot's up
+factors in when it changed), never a recompile; a batch mixing slots takes the gathered path above (the graph
+guards on `LoraRows.mixed`: two graphs per shape, both compiled by the engine's warm-up). Measured on an H200 at
+1024x1024 (bf16, 4 slots): 1.075x a plain compiled image at rank bucket 128 and 1.055x at bucket 32, against
+1.10x for the in-place add alone (per fused block: 1.07x against 1.12x at rank 32, benchmarks/experiments/
+lora_kext_probe.py). Widened: q/k/v, w1/w3 and w2; the attention output keeps the in-place add (its input is the
+attention kernel's output, which a pad would copy).
 """
 
 from __future__ import annotations
