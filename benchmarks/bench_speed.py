@@ -198,8 +198,12 @@ def main() -> None:
         write_json("speed", {**res, "runs": {k: {x: y for x, y in v.items() if x != "latents"}
                                              for k, v in runs.items()}, "partial": True}, args.out)
     res["errors"] = errors
-    ref = runs["diffusers"].pop("latents")
-    lossless = {name: rel_l2(r.pop("latents"), ref) for name, r in runs.items() if name != "diffusers"}
+    # the reference: diffusers eager, else its compiled run (--diffusers compile); none without a diffusers run
+    ref_name = next((b for b in ("diffusers", "diffusers-compile") if b in runs), None)
+    latents = {name: r.pop("latents") for name, r in runs.items() if "latents" in r}
+    ref = latents.pop(ref_name) if ref_name in latents else None
+    lossless = {name: rel_l2(x, ref) for name, x in latents.items()} if ref is not None else {}
+    res["lossless_reference"] = ref_name
     if bound is not None:
         lossless["bound: diffusers bf16 vs fp32 transformer"] = rel_l2(ref, bound)
     res["runs"] = runs
@@ -221,7 +225,7 @@ def main() -> None:
     for key in [f"{w}x{h}" for w, h in sizes] + ["batch4"]:
         print(key, {n: round(r[key].get("s_per_image", r[key].get("s_per_batch", 0)), 3)
                     for n, r in runs.items() if key in r})
-    print("lossless (rel L2 of latents vs diffusers bf16):", lossless)
+    print(f"lossless (rel L2 of latents vs {ref_name} bf16):", lossless)
     print("wrote", write_json("speed", res, args.out))
 
 

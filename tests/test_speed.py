@@ -183,3 +183,17 @@ def test_direct_cudnn_attention_is_the_kernel_sdpa_picks():
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert torch.equal(cudnn_attention(q, k, v), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="cuDNN attention: Hopper or newer")
+def test_cudnn_attention_takes_the_projections_layout_and_answers_in_it():
+    """zimage.models.z_image.Attention hands cuDNN (B, H, L, hd) views of (B, L, H, hd) tensors, uncopied: the
+    output equals the contiguous inputs' bit for bit, and comes back in (B, L, H, hd) order (the reshape to
+    (B, L, H*hd) after it is then a view, not a copy)."""
+    from zimage.models.z_image import cudnn_attention
+
+    q, k, v = (torch.randn(2, 1024, 4, 128, device="cuda", dtype=torch.bfloat16).permute(0, 2, 1, 3) for _ in range(3))
+    out = cudnn_attention(q, k, v)
+    assert torch.equal(out, cudnn_attention(q.contiguous(), k.contiguous(), v.contiguous()))
+    assert out.permute(0, 2, 1, 3).is_contiguous()

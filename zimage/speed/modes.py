@@ -7,10 +7,11 @@ from zimage.errors import UsageError
 SPEED_CHOICES = ("auto", "eager", "compile")
 # Images after which compiling pays for itself in one process; from BENCHMARKS.md (compile cost with a warm
 # on-disk cache divided by the per-image saving). Refreshed when the benchmark is.
-# H200 (BENCHMARKS.md): a compiling process reaches its first image ~13.5 s later than an eager one even with the
-# on-disk cache (20.1 s against 6.9 s, bench_compile), then saves 0.20 s per image (0.934 s against eager's 1.134 s
-# with the fused RMSNorm): ~65 images.
-COMPILE_BREAK_EVEN_IMAGES = 65
+# H200, 2026-12-03 (benchmarks/bench_compile.py, medians of 2 fresh processes each, 8 forwards at 1024x1024): a
+# compiling process reaches its first image 12.1 s later than an eager one with the caches warm (19.3 s against
+# 7.2 s), then saves 0.20 s per image (0.785 s against 0.986 s): 1 + 12.1 / 0.20 = 61 images. (With nothing
+# cached, 42.1 s to the first image: 175 images.)
+COMPILE_BREAK_EVEN_IMAGES = 61
 
 
 def resolve_speed(mode: str, device, expected_images: int | None) -> str:
