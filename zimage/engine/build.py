@@ -177,6 +177,8 @@ def plan_sizes(config: EngineConfig, target: Target, checked: dict):
 
     sizes = model_sizes_of(checked, target, config)
     if config.lora_slots:
+        # Compiled, the resident bf16 plan widens the blocks' LoRA layers (zimage.speed.lora_wide); counted for any
+        # compiling engine, before the plan is known (fp8 and streamed plans, which do not widen, are over-counted).
         compiled = resolve_speed(config.speed, target.device, config.expected_images) == "compile"
         blocks, rest = slot_bytes(checked["transformer"].network.module, config.lora_slots, config.lora_rank,
                                   target.dtype.itemsize, widened=compiled)
