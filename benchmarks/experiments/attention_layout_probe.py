@@ -13,12 +13,15 @@ by GPU time (torch.profiler, one call). Not part of the product; its output goes
 
 from __future__ import annotations
 
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 
 import zimage.models.z_image as zi
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import cuda_ms  # noqa: E402
 
 
 def strided_forward(self, x, mask, freqs):
@@ -44,20 +47,6 @@ def block_and_inputs():
     freqs = torch.randn(1, 4160, 64, 2, device="cuda", dtype=torch.float32, generator=g)
     adaln = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16, generator=g)
     return block, (x, None, freqs, adaln)
-
-
-def time_ms(fn, args, calls: int) -> float:
-    for _ in range(5):
-        fn(*args)
-    times = []
-    for _ in range(calls):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn(*args)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def kernels(fn, args, top: int = 14) -> list[str]:
@@ -86,7 +75,7 @@ def main() -> int:
                 zi.Attention.forward = strided_forward
             torch._dynamo.reset()
             compiled = torch.compile(block, fullgraph=True)
-            ms = time_ms(compiled, args, calls)
+            ms = cuda_ms(lambda: compiled(*args), calls, warmup=5)
             y = compiled(*args)
             ref = y if ref is None else ref
             diff = (y.float() - ref.float()).abs().max().item()

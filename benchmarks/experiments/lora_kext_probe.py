@@ -17,14 +17,17 @@ today's slots. Not part of the product; its output goes into the session note.
 
 from __future__ import annotations
 
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from zimage.models.lora import LoraLinear, wrap_linears
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import cuda_ms  # noqa: E402
 
 
 @torch.library.custom_op("zimage_probe::fill_lora_down_", mutates_args=("xp",))
@@ -97,19 +100,12 @@ def block_and_inputs(full: bool, rank: int | None, variant: str):
 
 
 def time_ms(fn, args, full: bool, calls: int = 40) -> float:
-    for _ in range(5):
-        fn(*args)
+    """Median ms per call on the GPU; on the CPU (a correctness check only) nan after the warm-up calls."""
     if not full:
+        for _ in range(5):
+            fn(*args)
         return float("nan")
-    times = []
-    for _ in range(calls):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn(*args)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return cuda_ms(lambda: fn(*args), calls, warmup=5)
 
 
 def main() -> int:

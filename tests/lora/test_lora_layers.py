@@ -91,6 +91,13 @@ def three_layers(slots=3, rank=8, seed=0):
     return rows, layers
 
 
+def rewrite(fused, layers, slot, part, seed):
+    """Slot `slot` of part `part` <- a new rank-6 set, in the fused layer and in its unfused reference alike."""
+    down, up = factors(40, 24, 6, seed)
+    fused.write(slot, down, up, part=part)
+    layers[part].write(slot, down, up)
+
+
 def fuse(layers):
     from zimage.speed.fuse import _fused_linear
 
@@ -143,12 +150,9 @@ def test_a_compiled_fused_layer_never_recompiles_for_new_contents():
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(fused, backend=counter)
     x = torch.randn(2, 5, 24)
-    for slots, rewrite in (([1, -1], None), ([2, 0], (2, 1)), ([0, 0], (0, 2))):
-        if rewrite is not None:
-            slot, part = rewrite
-            down, up = factors(40, 24, 6, 50 + slot)
-            fused.write(slot, down, up, part=part)
-            layers[part].write(slot, down, up)
+    for slots, change in (([1, -1], None), ([2, 0], (2, 1)), ([0, 0], (0, 2))):
+        if change is not None:
+            rewrite(fused, layers, *change, seed=50 + change[0])
         rows.set(slots, "cpu", torch.float32)
         torch.testing.assert_close(compiled(x), torch.cat([lora(x) for lora in layers], dim=-1), rtol=0, atol=1e-5)
     assert counter.frame_count == 1

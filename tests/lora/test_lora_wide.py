@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_lora_layers import factors, fuse, three_layers
+from test_lora_layers import fuse, rewrite, three_layers
 
 from zimage.models.lora import LoraLinear, WideLinear
 
@@ -46,11 +46,9 @@ def test_the_extension_follows_a_slot_switch_and_a_rewritten_slot(monkeypatch):
     rows, layers, fused = widened()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     x = torch.randn(1, 5, 24)
-    for slots, rewrite in (([0], None), ([1], None), ([1], 1), ([1], None), ([0], 0)):
-        if rewrite is not None:
-            down, up = factors(40, 24, 6, 70 + rewrite)
-            fused.write(rewrite, down, up, part=2)
-            layers[2].write(rewrite, down, up)
+    for slots, slot in (([0], None), ([1], None), ([1], 1), ([1], None), ([0], 0)):
+        if slot is not None:
+            rewrite(fused, layers, slot, part=2, seed=70 + slot)
         rows.set(slots, "cpu", torch.float32)
         assert fused.carried == slots[0]
         torch.testing.assert_close(fused(x), reference(layers, x), rtol=0, atol=1e-5)
@@ -68,12 +66,9 @@ def test_a_compiled_widened_layer_has_one_graph_per_path_and_never_recompiles_fo
     x = torch.randn(2, 5, 24)
     runs = (([1, -1], None, 1), ([0, 0], None, 1), ([0, 0], (0, 1), 1), ([-1, -1], None, 1), ([2, 0], None, 2),
             ([2, 2], (2, 0), 2), ([0, 1], None, 2))
-    for slots, rewrite, graphs in runs:
-        if rewrite is not None:
-            slot, part = rewrite
-            down, up = factors(40, 24, 6, 90 + slot)
-            fused.write(slot, down, up, part=part)
-            layers[part].write(slot, down, up)
+    for slots, change, graphs in runs:
+        if change is not None:
+            rewrite(fused, layers, *change, seed=90 + change[0])
         rows.set(slots, "cpu", torch.float32)
         torch.testing.assert_close(compiled(x), reference(layers, x), rtol=0, atol=1e-5)
         assert counter.frame_count == graphs, slots
