@@ -11,9 +11,6 @@ keep their per-row scales); it is never undone: a widened layer computes the sam
 
 from __future__ import annotations
 
-# unfused linear name's leaf -> P, the parts of the fused layer it belongs to (zimage.speed.fuse: q/k/v and w1/w3)
-WIDENED = {"to_q": 3, "to_k": 3, "to_v": 3, "w1": 2, "w3": 2, "w2": 1}
-
 
 def widen_lora_layers(transformer) -> int:
     """Widen the runtime LoRA layers of every fused block of `transformer`; returns how many are widened."""
@@ -31,5 +28,10 @@ def widen_lora_layers(transformer) -> int:
 def extension_bytes(name: str, out_features: int, rank: int, dtype_bytes: int) -> int:
     """Bytes the widened form adds for unfused linear `name` (out_features rows) at slot rank `rank`: its rows of
     E, P*R columns each (0 for a linear that is not widened)."""
-    parts = WIDENED.get(name.rpartition(".")[2], 0) if (".attention." in name or ".feed_forward." in name) else 0
+    from zimage.weights.lora.merge import FUSED  # leaf -> (fused name, part, parts): q/k/v and w1/w3
+
+    leaf = name.rpartition(".")[2]
+    if not (".attention." in name or ".feed_forward." in name) or (leaf not in FUSED and leaf != "w2"):
+        return 0
+    parts = FUSED[leaf][2] if leaf in FUSED else 1  # w2 is widened on its own
     return out_features * parts * rank * dtype_bytes
