@@ -1,6 +1,8 @@
-"""The portable compile cache (zimage.speed.compile_cache) on CPU with the tiny model: a first compiled process
-writes the artifact file after its first image; a second process with an empty inductor folder loads it, compiles
-nothing and makes the same image; a changed key or a corrupt file is not loaded and is rebuilt.
+"""The portable compile cache (zimage.speed.compile_cache) on CPU with the tiny model, the precompiled functions off
+(ZIMAGE_PRECOMPILED=0: torch.compile's path, which this cache serves; tests/test_precompiled.py tests them with it):
+a first compiled process writes the artifact file after its first image; a second process with an empty inductor
+folder loads it, compiles nothing and makes the same image; a changed key or a corrupt file is not loaded and is
+rebuilt.
 
 Each test has its own zimage cache and no TORCHINDUCTOR_CACHE_DIR (conftest's shared one is unset), so inductor's
 local caches are zimage's own folder in it: empty unless the test copied one in.
@@ -41,7 +43,7 @@ print(json.dumps({"path": str(artifacts.path), "exists_before": before, "status"
 
 def run_child(model: Path, cache: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
-    env.update(ZIMAGE_CACHE=str(cache), PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
+    env.update(ZIMAGE_CACHE=str(cache), ZIMAGE_PRECOMPILED="0", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
     out = subprocess.run([sys.executable, "-c", CHILD, str(model)], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -93,6 +95,7 @@ def _own_cache(monkeypatch, tmp_path, warm: Path) -> Path:
     cache = tmp_path / "cache"
     shutil.copytree(warm, cache)
     monkeypatch.setenv("ZIMAGE_CACHE", str(cache))
+    monkeypatch.setenv("ZIMAGE_PRECOMPILED", "0")  # the portable cache alone (tests/test_precompiled.py: with them)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     return cache
 

@@ -76,6 +76,7 @@ class SpeedSetup:
     text_encoder: object  # the plain text encoder, or its CUDA-graph replay (zimage.speed.text_graphs)
     device: object = None  # torch.device the networks run on
     artifacts: object = None  # zimage.speed.compile_cache.CompileArtifacts: the portable compile cache, or None
+    precompiled: object = None  # zimage.speed.precompiled.Precompiled: the blocks' and decoder's functions, or None
 
     @contextlib.contextmanager
     def scoped(self):
@@ -98,9 +99,11 @@ class SpeedSetup:
             yield
 
     def save_compiled(self) -> bool:
-        """After a compiled run (the engine calls it when a generation finished): write the portable compile
-        artifacts if the run compiled graphs the file does not hold yet (zimage.speed.compile_cache)."""
-        return self.artifacts.save() if self.artifacts is not None else False
+        """After a compiled run (the engine calls it when a generation finished): write the precompiled functions
+        the run compiled (zimage.speed.precompiled) and the portable compile artifacts if the run compiled graphs
+        the file does not hold yet (zimage.speed.compile_cache)."""
+        wrote = self.precompiled.save() > 0 if self.precompiled is not None else False
+        return (self.artifacts.save() if self.artifacts is not None else False) or wrote
 
 
 def apply_speed(parts, mode: str, plan, expected_images: int | None = None, max_text_tokens: int = 512,
@@ -146,16 +149,24 @@ def apply_speed(parts, mode: str, plan, expected_images: int | None = None, max_
     text = graphed_text_encoder(parts.text_encoder, device, plan, max_text_tokens) if concrete == "compile" else None
     if text is not None:
         log.info("text encoder: CUDA graphs per prompt-length bucket, captured on first use")
-    artifacts = None
+    artifacts = precompiled = None
     if concrete == "compile":
         from zimage.speed import compile_cache as portable
+        from zimage.speed import precompiled as ahead
 
         if portable.enabled(compile_cache):
-            artifacts = portable.CompileArtifacts(*portable.compile_key(transformer, parts.vae, device, {
+            slot, key = portable.compile_key(transformer, parts.vae, device, {
                 "mode": concrete, "attention": backend, "recompile_limit": RECOMPILE_LIMIT, "fullgraph": True,
                 "fused": hasattr(transformer.blocks()[0].attention, "to_qkv"),
-                "graphs": ["blocks"] + (["vae_decoder"] if device.type == "cuda" else [])}))
-    return SpeedSetup(concrete, backend, text if text is not None else parts.text_encoder, device, artifacts)
+                "graphs": ["blocks"] + (["vae_decoder"] if device.type == "cuda" else [])})
+            artifacts = portable.CompileArtifacts(slot, key)
+            if ahead.enabled(compile_cache):
+                precompiled = ahead.Precompiled(slot, key)
+                ahead.install(transformer, parts.vae, device, precompiled)
+                with inductor_cache_folder():  # loading a function writes its code into inductor's folder
+                    precompiled.preload()
+    return SpeedSetup(concrete, backend, text if text is not None else parts.text_encoder, device, artifacts,
+                      precompiled)
 
 
 def compile_blocks(transformer, vae, device) -> None:

@@ -1,0 +1,201 @@
+"""Precompiled functions (zimage.speed.precompiled) on CPU with the tiny model: a first compiled process compiles
+the transformer blocks ahead of time and saves one function per call family; a second process loads them and makes
+the same images without dynamo tracing anything, at two image sizes (token counts are dynamic). A function whose
+guards refuse a call, a module that does not qualify, grad mode, a stale key or a corrupt file fall back to
+torch.compile's path.
+
+The children have their own zimage cache and no TORCHINDUCTOR_CACHE_DIR, so nothing compiled by other tests helps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zimage.speed import compile_cache, precompiled
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = ((256, 256), (256, 320))  # two token counts: the second image must not compile again
+
+CHILD = r"""
+import hashlib, json, sys
+from torch._dynamo.utils import counters
+from zimage.engine.engine import Engine
+from zimage.request import GenerateRequest
+
+engine = Engine.load(model=sys.argv[1], device="cpu", dtype="fp32", speed="compile")
+store = engine.speed_setup.precompiled
+loaded_at_load = dict(store.status)
+pixels = []
+for w, h in json.loads(sys.argv[2]):
+    result = engine.generate(GenerateRequest(prompts=("a lighthouse at dusk",), width=w, height=h, steps=2, seed=5))
+    pixels.append(hashlib.sha256(result.images[0].image.tobytes()).hexdigest())
+calls = [b._compiled_call_impl.calls for b in engine.parts.transformer.blocks()]
+print(json.dumps({"folder": str(store.folder), "loaded_at_load": loaded_at_load, "status": store.status,
+                  "calls": {k: sum(c[k] for c in calls) for k in calls[0]}, "pixels": pixels,
+                  "graphs": counters["stats"].get("unique_graphs", 0)}))
+"""
+
+
+def run_child(model: Path, cache: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", precompiled.ENV)}
+    env.update(ZIMAGE_CACHE=str(cache), PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model), json.dumps(SIZES)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def first(tiny_folder, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("pc-cache")
+    return run_child(tiny_folder, cache), cache
+
+
+FAMILIES = {"block-mod-b1-nomask", "block-plain-b1-nomask"}  # joint + noise-refiner blocks; the caption refiner
+
+
+def test_a_first_process_compiles_ahead_and_saves_one_function_per_family(first):
+    res, _ = first
+    assert res["loaded_at_load"] == {}  # nothing there yet
+    assert res["status"] == {f: "saved" for f in FAMILIES}
+    assert res["calls"]["fallback"] == 0 and res["calls"]["precompiled"] > 0
+    folder = Path(res["folder"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f + ".zaot" for f in FAMILIES)
+    key, segments = compile_cache.read_file(folder / "block-mod-b1-nomask.zaot")
+    assert key["precompiled"] == "block-mod-b1-nomask" and key["source"] == compile_cache.source_digest()
+    assert len(segments) == 1
+
+
+def test_a_second_process_loads_them_and_traces_nothing(first, tiny_folder):
+    res, cache = first
+    second = run_child(tiny_folder, cache)
+    assert second["loaded_at_load"] == {f: "loaded" for f in FAMILIES}  # Engine.load preloads them
+    assert second["graphs"] == 0  # dynamo traced no frame, at either size
+    assert second["calls"] == res["calls"] and second["calls"]["fallback"] == 0
+    assert second["pixels"] == res["pixels"]  # the same compiled code: the same images, bit for bit
+
+
+@pytest.fixture
+def tiny_block(engine):
+    """A modulated block of the tiny model, as compile mode prepares it (fused), and inputs for it."""
+    import copy
+
+    from zimage.speed.fuse import fuse_block
+
+    block = copy.deepcopy(engine.transformer.layers[0])
+    fuse_block(block)
+    g = torch.Generator().manual_seed(0)
+    dim, hd = block.attention_norm1.weight.shape[0], block.attention.norm_q.weight.shape[0]
+    with torch.inference_mode():  # inference tensors, as the engine's (the functions' guards check that too)
+        args = (torch.randn(1, 64, dim, generator=g), None, torch.randn(1, 64, hd // 2, 2, generator=g),
+                torch.randn(1, block.adaLN_modulation[0].in_features, generator=g))
+    return block, args
+
+
+@pytest.fixture
+def child_threads(first):
+    """torch's thread count as the first process had it (this process runs with 1: conftest); the functions'
+    guards check it."""
+    key, _ = compile_cache.read_file(Path(first[0]["folder"]) / "block-mod-b1-nomask.zaot")
+    before = torch.get_num_threads()
+    torch.set_num_threads(key["threads"])
+    yield key["threads"]
+    torch.set_num_threads(before)
+
+
+def _store(first, tmp_path, threads: int):
+    """A store reading the first process's files (a copy), under the key they were saved with, at `threads`."""
+    import shutil
+
+    res, _ = first
+    folder = tmp_path / "artifacts"
+    shutil.copytree(Path(res["folder"]), folder / "slot")
+    saved, _ = compile_cache.read_file(folder / "slot" / "block-mod-b1-nomask.zaot")
+    store = precompiled.Precompiled("slot", {k: v for k, v in saved.items() if k not in ("precompiled", "threads")},
+                                    folder)
+    store.threads = threads
+    return store
+
+
+def _call(store, block, fallback, eligible=True):
+    return precompiled.PrecompiledCall(block, store, precompiled._block_forward, precompiled.block_family,
+                                       precompiled.block_dynamic, fallback, eligible)
+
+
+def test_a_call_its_guards_refuse_runs_torch_compiles_path(first, tmp_path, tiny_block, monkeypatch, caplog,
+                                                           child_threads):
+    block, args = tiny_block
+    store = _store(first, tmp_path, child_threads)
+    monkeypatch.setattr(store, "_compile", lambda *a: pytest.fail("a saved family must not compile again"))
+    call = _call(store, block, lambda *a: block.forward(*a))
+    with torch.inference_mode():
+        out = call(*args)  # fp32, batch 1, no mask: the saved function
+        assert call.calls == {"precompiled": 1, "fallback": 0} and store.status["block-mod-b1-nomask"] == "loaded"
+        torch.testing.assert_close(out, block.forward(*args), rtol=0, atol=1e-4)
+        block.double()  # the same family, a dtype its guards do not accept
+        with caplog.at_level(logging.INFO, logger="zimage"):
+            out = call(*(a.double() if a is not None else None for a in args))
+        assert call.calls == {"precompiled": 1, "fallback": 1} and out.dtype == torch.float64
+        assert "block-mod-b1-nomask: its guards refuse a call" in caplog.text
+    with torch.no_grad():  # grad mode off but not inference mode: autograd-visible tensors, torch.compile's path
+        call(*(a.double() if a is not None else None for a in args))
+    assert call.calls["fallback"] == 2
+
+
+def test_modules_with_hooks_or_other_layers_do_not_qualify(tiny_block):
+    from torch import nn
+
+    from zimage.models.z_image import Attention, FeedForward, RMSNorm, TransformerBlock
+    from zimage.speed.fuse import FusedSwiGLU
+
+    block, _ = tiny_block
+    allowed = (TransformerBlock, Attention, FeedForward, FusedSwiGLU, RMSNorm, nn.Linear, nn.Sequential,
+               nn.ModuleList)
+    assert precompiled.qualifies(block, allowed)
+    handle = block.attention.register_forward_hook(lambda *a: None)
+    assert not precompiled.qualifies(block, allowed)  # the function calls forward directly: no hook would run
+    handle.remove()
+    block.attention.to_out[0] = nn.Identity()  # e.g. a runtime LoRA layer or an fp8 linear in its place
+    assert not precompiled.qualifies(block, allowed)
+
+
+@pytest.mark.parametrize("damage", ["stale", "corrupt"])
+def test_a_stale_or_corrupt_file_is_compiled_again(first, tmp_path, tiny_block, monkeypatch, caplog, damage,
+                                                   child_threads):
+    """stale: the files were made under another torch thread count (another machine), which every call would
+    fail; corrupt: a flipped byte."""
+    block, args = tiny_block
+    store = _store(first, tmp_path, child_threads + 1 if damage == "stale" else child_threads)
+    path = store.path("block-mod-b1-nomask")
+    if damage == "corrupt":
+        blob = path.read_bytes()
+        path.write_bytes(blob[:-10] + bytes([blob[-10] ^ 1]) + blob[-9:])
+    compiled = []
+    monkeypatch.setattr(store, "_compile", lambda family, *a: compiled.append(family))  # returns None: fall back
+    with caplog.at_level(logging.INFO, logger="zimage"), torch.inference_mode():
+        assert store.preload() == (0 if damage == "stale" else 1)  # (corrupt: the caption refiner's file is whole)
+        out = _call(store, block, lambda *a: block.forward(*a))(*args)
+    assert store.status["block-mod-b1-nomask"] == damage and compiled == ["block-mod-b1-nomask"]
+    assert ("made for another build" if damage == "stale" else "is unreadable") in caplog.text
+    torch.testing.assert_close(out, block.forward(*args), rtol=0, atol=0)
+
+
+def test_it_can_be_turned_off(tiny_folder, monkeypatch):
+    from zimage.engine.engine import Engine
+    from zimage.speed import apply as speed_apply
+
+    monkeypatch.setattr(speed_apply, "compile_blocks", lambda *a: None)  # the choice is under test, not inductor
+    monkeypatch.setattr(precompiled, "install", lambda *a: None)
+    assert Engine.load(model=str(tiny_folder), speed="compile").speed_setup.precompiled is not None
+    monkeypatch.setenv(precompiled.ENV, "0")
+    assert Engine.load(model=str(tiny_folder), speed="compile").speed_setup.precompiled is None
+    monkeypatch.delenv(precompiled.ENV)
+    assert Engine.load(model=str(tiny_folder), speed="compile", compile_cache=False).speed_setup.precompiled is None

@@ -1,0 +1,312 @@
+"""Precompiled graphs: a later process runs the compiled transformer blocks and VAE decoder without tracing them.
+
+With torch.compile, every new process traces each compiled frame with dynamo again, even when all of inductor's
+kernels come from a cache: on an H200 a second process's first 1024x1024 image took 4.7 s after loading, ~2.5 s of
+it dynamo re-tracing the three block graphs (BENCHMARKS.md, 2026-12-02). torch's ahead-of-time compile
+(`torch.compile(fn, fullgraph=True).aot_compile(example)`) instead serialises the whole compiled function: dynamo's
+output code, inductor's compiled graph and kernels, and the guards. Loaded in a new process it runs at once; its
+guards (tensor shapes, dtypes, devices, module structure and attributes) are checked on every call.
+
+The compiled function takes the module as an argument (`_forward(module, *args)`), so its parameters are inputs,
+not constants: one function serves every block of a kind (the 30 joint blocks and the 2 noise-refiner blocks share
+one). One function per *call family*:
+
+    block-{mod,plain}-{b1,bn}-{nomask,mask}    TransformerBlock.forward(x (B, L, D), mask, freqs, adaln)
+    decoder-{b1,bn}                            Decoder.forward(z (B, C, h, w))
+
+`mod` / `plain`: with or without timestep modulation (the caption refiner has none). Token counts L and latent sizes
+h, w are dynamic (one function for every image size); a batch of 1 and batches of 2 or more are separate functions,
+since dynamo specialises sizes 0 and 1 (a dynamic batch size is only valid from 2 up).
+
+Files, next to the portable compile cache (zimage.speed.compile_cache, whose slot and key they share):
+
+    <zimage cache>/compile-artifacts/<slot>/<family>.zaot
+
+in compile_cache's file format (its header holds the whole key plus the family; one segment: torch's serialised
+function). A file whose key differs (another torch, GPU, zimage source, model structure) or that cannot be read is
+not loaded: the family is compiled again and the file overwritten after the run (`save()`).
+
+When a call has no function yet, the first call compiles one ahead of time from that call's shapes (in place of the
+torch.compile path, not beside it) and runs it; `save()`, called after each compiled generation, writes what was
+compiled. A call the function's guards refuse (an unusual shape, a module whose structure changed), a module that
+does not qualify (runtime LoRA slots, fp8 layers, hooks: `qualifies`), grad mode, or a family that failed to compile
+run the regular torch.compile path (zimage.speed.apply.compile_blocks), so no call is ever refused.
+
+Off with ZIMAGE_PRECOMPILED=0 (torch.compile then traces in every process, as before), or with the compile cache
+(EngineConfig(compile_cache=False), ZIMAGE_COMPILE_CACHE=0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import time
+from pathlib import Path
+
+from zimage.speed import compile_cache
+
+log = logging.getLogger("zimage")
+
+ENV = "ZIMAGE_PRECOMPILED"
+SUFFIX = ".zaot"
+
+
+def enabled(flag: bool = True) -> bool:
+    return compile_cache.enabled(flag) and os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _block_forward(block, x, mask, freqs, adaln=None):
+    return block.forward(x, mask, freqs, adaln)
+
+
+def _decoder_forward(decoder, z):
+    return decoder.forward(z)
+
+
+def block_family(block, x, mask, freqs, adaln=None) -> str:
+    return "block-%s-%s-%s" % ("mod" if block.modulation else "plain", "b1" if x.shape[0] == 1 else "bn",
+                               "nomask" if mask is None else "mask")
+
+
+def decoder_family(decoder, z) -> str:
+    return "decoder-" + ("b1" if z.shape[0] == 1 else "bn")
+
+
+def block_dynamic(x, mask, freqs, adaln=None) -> list[tuple[int, ...]]:
+    """Per argument, its dynamic dims: the token count (dim 1) of x, mask and freqs; the batch (dim 0) from 2 up."""
+    batch = (0,) if x.shape[0] > 1 else ()
+    return [batch + (1,), () if mask is None else batch + (1,), batch + (1,), () if adaln is None else batch]
+
+
+def decoder_dynamic(z) -> list[tuple[int, ...]]:
+    return [((0,) if z.shape[0] > 1 else ()) + (2, 3)]
+
+
+def qualifies(module, allowed: tuple[type, ...]) -> bool:
+    """Only modules built wholly of `allowed` classes, without hooks: the compiled function calls `forward`
+    directly (no hooks run), and other layers (runtime LoRA slots, fp8) read state its guards do not cover."""
+    for sub in module.modules():
+        if type(sub) not in allowed:
+            return False
+        if sub._forward_hooks or sub._forward_pre_hooks:
+            return False
+    return True
+
+
+def _example(t, dims):
+    """A stand-in for argument `t` with `dims` marked dynamic: an uninitialised tensor of the same shape, strides,
+    dtype and device (compiling reads only these), so the caller's tensor carries no dynamo marks afterwards."""
+    import torch
+
+    if t is None or not isinstance(t, torch.Tensor):
+        return t
+    e = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    if dims:
+        torch._dynamo.mark_dynamic(e, list(dims))
+    return e
+
+
+class Precompiled:
+    """The precompiled functions of one compiled setup (one `slot` of compile_cache), loaded or compiled per
+    family on first use; `save()` writes the ones compiled in this process."""
+
+    def __init__(self, slot: str, key: dict, folder: Path | None = None):
+        self.folder = (folder or compile_cache.artifacts_dir()) / slot
+        self.key = key
+        self.functions: dict[str, object] = {}  # family -> torch's AOTCompiledFunction, or None: use torch.compile
+        self.status: dict[str, str] = {}  # family -> loaded | compiled | stale | corrupt | failed | saved
+        self.seconds: dict[str, float] = {}  # family -> seconds its load or compile took (logs, benchmarks)
+        self._pending: dict[str, bytes] = {}  # family -> serialised function compiled here, not yet written
+        self._refused: set[str] = set()  # families whose refusal was logged
+        import torch
+
+        self.threads = torch.get_num_threads()
+
+    def path(self, family: str) -> Path:
+        return self.folder / (family + SUFFIX)
+
+    def function(self, family: str, forward, module, args: tuple, dynamic: list):
+        """The function for `family`: loaded from its file, else compiled from this call's `args`; None if it can
+        be neither (the caller then runs torch.compile's path)."""
+        if family in self.functions:
+            return self.functions[family]
+        t0 = time.perf_counter()
+        fn = None if self.status.get(family) in ("stale", "corrupt") else self._load(family)  # (preload tried it)
+        if fn is None:
+            fn = self._compile(family, forward, module, args, dynamic)
+        if fn is not None:
+            fn.disable_guard_check()  # the caller checks them itself, to fall back instead of raising
+        self.seconds[family] = time.perf_counter() - t0
+        self.functions[family] = fn
+        return fn
+
+    def preload(self) -> int:
+        """Load every family an earlier process saved for this slot (the engine does it while loading, so a first
+        image does not pay for torch's deserialisation and the imports it needs). Returns how many loaded."""
+        if not self.folder.is_dir():
+            return 0
+        import torch
+
+        n = 0
+        for path in sorted(self.folder.glob("*" + SUFFIX)):
+            family = path.name[:-len(SUFFIX)]
+            if family in self.functions:
+                continue
+            t0 = time.perf_counter()
+            # Inside inference mode, as every call is (PrecompiledCall): the tensor guards read the thread's
+            # dispatch-key state when they are built, and built outside it they refuse every inference tensor.
+            with torch.inference_mode():
+                fn = self._load(family)
+            if fn is not None:
+                fn.disable_guard_check()
+                self.functions[family] = fn
+                self.seconds[family] = time.perf_counter() - t0
+                n += 1
+        return n
+
+    def refused(self, family: str, fn, module, args) -> None:
+        """Log (once per family) that the family's function refused a call, and why."""
+        if family in self._refused:
+            return
+        self._refused.add(family)
+        try:
+            reason = fn._artifacts.guard_manager.check_verbose(fn.prepare_f_locals(module, *args)).verbose_code_parts
+        except Exception:  # noqa: BLE001 - torch's internals differ between versions; the reason is only for the log
+            reason = ["(reason unavailable)"]
+        log.info("precompiled %s: its guards refuse a call (%s); torch.compile runs such calls", family,
+                 "; ".join(str(r).strip() for r in reason)[:300])
+
+    def _file_key(self, family: str) -> dict:
+        # torch's thread count is in every compiled function's guards (a CPU kernel bakes it in): another count
+        # would refuse every call, so a file made under one is stale under another and compiled again
+        return {**self.key, "precompiled": family, "threads": self.threads}
+
+    def _load(self, family: str):
+        path = self.path(family)
+        if not path.exists():
+            return None
+        try:
+            key, segments = compile_cache.read_file(path)
+        except (OSError, compile_cache.CorruptArtifacts) as e:
+            self.status[family] = "corrupt"
+            log.warning("precompiled %s: %s is unreadable (%s); compiled again", family, path, e)
+            return None
+        if key != self._file_key(family) or len(segments) != 1:
+            self.status[family] = "stale"
+            log.info("precompiled %s: %s was made for another build; compiled again", family, path)
+            return None
+        import torch
+
+        try:
+            fn = torch.compiler.load_compiled_function(io.BytesIO(segments[0].data))
+        except Exception as e:  # noqa: BLE001 - a file torch cannot read is compiled again, never a failed image
+            self.status[family] = "corrupt"
+            log.warning("precompiled %s: torch could not load %s (%s: %s); compiled again", family, path,
+                        type(e).__name__, e)
+            return None
+        self.status[family] = "loaded"
+        log.info("precompiled %s: loaded from %s", family, path)
+        return fn
+
+    def _compile(self, family: str, forward, module, args: tuple, dynamic: list):
+        import torch
+
+        examples = tuple(_example(a, d) for a, d in zip(args, dynamic))
+        t0 = time.perf_counter()
+        try:
+            # Separate symbols for sizes that happen to be equal in this call (a square latent's h and w): the
+            # function then serves every aspect ratio. enable_aot_compile: .aot_compile exists behind it in torch
+            # 2.11 (on by default from 2.13). Both are restored on exit.
+            with torch._dynamo.config.patch(enable_aot_compile=True), \
+                    torch.fx.experimental._config.patch(use_duck_shape=False):
+                fn = torch.compile(forward, fullgraph=True).aot_compile(((module, *examples), {}))
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f".{family}.{os.getpid()}.raw"
+            try:
+                fn.save_compiled_function(str(tmp))
+                self._pending[family] = tmp.read_bytes()
+            finally:
+                tmp.unlink(missing_ok=True)
+        except Exception as e:  # noqa: BLE001 - torch.compile's own path runs this family instead
+            self.status[family] = "failed"
+            log.warning("precompiled %s: ahead-of-time compile failed (%s: %s); using torch.compile", family,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return None
+        self.status[family] = "compiled"
+        log.info("precompiled %s: compiled in %.1fs", family, time.perf_counter() - t0)
+        return fn
+
+    def save(self) -> int:
+        """Write the functions compiled since the last save; returns how many were written."""
+        written = 0
+        for family, data in list(self._pending.items()):
+            try:
+                segment = compile_cache.Segment(data, frozenset({("precompiled", family)}),
+                                                hashlib.sha256(data).hexdigest())
+                size = compile_cache.write_file(self.path(family), self._file_key(family), [segment])
+            except OSError as e:
+                log.warning("precompiled %s: saving to %s failed (%s)", family, self.path(family), e)
+                continue
+            del self._pending[family]
+            self.status[family] = "saved"
+            written += 1
+            log.info("precompiled %s: saved to %s (%.1f MB)", family, self.path(family), size / 1e6)
+        return written
+
+
+class PrecompiledCall:
+    """Installed as a compiled module's `_compiled_call_impl` (what nn.Module.__call__ runs): the family's
+    precompiled function where it applies, else `fallback` (torch.compile's callable for the module)."""
+
+    def __init__(self, module, store: Precompiled, forward, family, dynamic, fallback, eligible: bool):
+        self.module, self.store, self.forward = module, store, forward
+        self.family, self.dynamic, self.fallback = family, dynamic, fallback
+        self.eligible = eligible  # qualifies(module, ...), decided when installed
+        self.calls = {"precompiled": 0, "fallback": 0}  # for tests and logs
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        if kwargs or not self.eligible or torch.is_grad_enabled() or not torch.is_inference_mode_enabled():
+            return self._fall_back(args, kwargs)
+        fn = self.store.function(self.family(self.module, *args), self.forward, self.module, args,
+                                 self.dynamic(*args))
+        if fn is None:
+            return self._fall_back(args, kwargs)
+        if not fn.guard_check(self.module, *args):
+            self.store.refused(self.family(self.module, *args), fn, self.module, args)
+            return self._fall_back(args, kwargs)
+        self.calls["precompiled"] += 1
+        return fn(self.module, *args)
+
+    def _fall_back(self, args, kwargs):
+        self.calls["fallback"] += 1
+        return self.fallback(*args, **kwargs)
+
+
+def install(transformer, vae, device, store: Precompiled) -> None:
+    """Route the compiled blocks (and, on CUDA, the compiled decoder) through `store`; call after compile_blocks."""
+    from torch import nn
+
+    from zimage.models import vae as vae_models
+    from zimage.models.z_image import Attention, FeedForward, RMSNorm, TransformerBlock
+    from zimage.speed.fuse import FusedSwiGLU
+
+    block_classes = (TransformerBlock, Attention, FeedForward, FusedSwiGLU, RMSNorm, nn.Linear, nn.Sequential,
+                     nn.ModuleList)
+    for block in transformer.blocks():
+        block._compiled_call_impl = PrecompiledCall(block, store, _block_forward, block_family, block_dynamic,
+                                                    block._compiled_call_impl, qualifies(block, block_classes))
+    decoder = vae.decoder
+    if getattr(decoder, "_compiled_call_impl", None) is not None and device.type == "cuda":
+        decoder_classes = (vae_models.Decoder, vae_models.MidBlock, vae_models.ResnetBlock2D,
+                           vae_models.SpatialSelfAttention, vae_models.UpDecoderBlock2D, vae_models.Upsample2D,
+                           nn.Conv2d, nn.GroupNorm, nn.Linear, nn.ModuleList)
+        install_decoder(decoder, store, qualifies(decoder, decoder_classes))
+
+
+def install_decoder(decoder, store: Precompiled, eligible: bool) -> None:
+    decoder._compiled_call_impl = PrecompiledCall(decoder, store, _decoder_forward, decoder_family, decoder_dynamic,
+                                                  decoder._compiled_call_impl, eligible)
