@@ -1,36 +1,41 @@
 """Precompiled graphs: a later process runs the compiled transformer blocks and VAE decoder without tracing them.
 
 With torch.compile, every new process traces each compiled frame with dynamo again, even when all of inductor's
-kernels come from a cache: on an H200 a second process's first 1024x1024 image took 4.7 s after loading, ~2.5 s of
-it dynamo re-tracing the three block graphs (BENCHMARKS.md, 2026-12-02). torch's ahead-of-time compile
+kernels come from a cache: on an H200 a second process's first 1024x1024 image took 4.7-6.6 s after loading, most
+of it dynamo re-tracing the three block graphs and the decoder (BENCHMARKS.md). torch's ahead-of-time compile
 (`torch.compile(fn, fullgraph=True).aot_compile(example)`) instead serialises the whole compiled function: dynamo's
 output code, inductor's compiled graph and kernels, and the guards. Loaded in a new process it runs at once; its
 guards (tensor shapes, dtypes, devices, module structure and attributes) are checked on every call.
 
 The compiled function takes the module as an argument (`_forward(module, *args)`), so its parameters are inputs,
 not constants: one function serves every block of a kind (the 30 joint blocks and the 2 noise-refiner blocks share
-one). One function per *call family*:
+one). One function per *family*, a call kind at one shape:
 
-    block-{mod,plain}-{b1,bn}-{nomask,mask}    TransformerBlock.forward(x (B, L, D), mask, freqs, adaln)
-    decoder-{b1,bn}                            Decoder.forward(z (B, C, h, w))
+    block-{mod,plain}-{nomask,mask}.b<B>-l<L>    TransformerBlock.forward(x (B, L, D), mask, freqs, adaln)
+    decoder.b<B>-<h>x<w>                         Decoder.forward(z (B, C, h, w))
 
-`mod` / `plain`: with or without timestep modulation (the caption refiner has none). Token counts L and latent sizes
-h, w are dynamic (one function for every image size); a batch of 1 and batches of 2 or more are separate functions,
-since dynamo specialises sizes 0 and 1 (a dynamic batch size is only valid from 2 up).
+(the kind, a dot, the shape), e.g. block-mod-nomask.b1-l4160 for the joint blocks at 1024x1024 (4096 image + 64
+caption tokens).
+`mod` / `plain`: with or without timestep modulation (the caption refiner has none). Shapes are static, as
+torch.compile's first graph of a shape is: measured on an H200 (2026-12-03), graphs compiled with dynamic token
+counts and latent sizes ran as fast but re-ran Triton's per-size autotuning in every process (1.2 s with inductor's
+local caches, 7.2 s without) and compiled the decoder in 47 s against 21 s. A kind keeps at most MAX_SHAPES
+functions; further shapes (a server asked for many sizes) run torch.compile's path, which turns dynamic by itself.
 
 Files, next to the portable compile cache (zimage.speed.compile_cache, whose slot and key they share):
 
     <zimage cache>/compile-artifacts/<slot>/<family>.zaot
 
-in compile_cache's file format (its header holds the whole key plus the family; one segment: torch's serialised
-function). A file whose key differs (another torch, GPU, zimage source, model structure) or that cannot be read is
-not loaded: the family is compiled again and the file overwritten after the run (`save()`).
+in compile_cache's file format (its header holds the whole key plus the family and torch's thread count; one
+segment: torch's serialised function). A file whose key differs (another torch, GPU, zimage source, model
+structure, thread count) or that cannot be read is not loaded: the family is compiled again and the file overwritten
+after the run (`save()`). The engine loads every saved family while it loads (`preload()`).
 
-When a call has no function yet, the first call compiles one ahead of time from that call's shapes (in place of the
+When a call has no function yet, the first call compiles one ahead of time from that call (in place of the
 torch.compile path, not beside it) and runs it; `save()`, called after each compiled generation, writes what was
-compiled. A call the function's guards refuse (an unusual shape, a module whose structure changed), a module that
-does not qualify (runtime LoRA slots, fp8 layers, hooks: `qualifies`), grad mode, or a family that failed to compile
-run the regular torch.compile path (zimage.speed.apply.compile_blocks), so no call is ever refused.
+compiled. A call the function's guards refuse, a module that does not qualify (runtime LoRA slots, fp8 layers, hooks:
+`qualifies`), autograd-visible calls (outside inference mode), a kind at MAX_SHAPES or a family that failed to
+compile run the regular torch.compile path (zimage.speed.apply.compile_blocks), so no call is ever refused.
 
 Off with ZIMAGE_PRECOMPILED=0 (torch.compile then traces in every process, as before), or with the compile cache
 (EngineConfig(compile_cache=False), ZIMAGE_COMPILE_CACHE=0).
@@ -51,6 +56,10 @@ log = logging.getLogger("zimage")
 
 ENV = "ZIMAGE_PRECOMPILED"
 SUFFIX = ".zaot"
+# Functions per kind (block-mod-nomask, decoder, ...). An image size takes two of the modulated kind (the noise
+# refiner at the image tokens, the joint blocks at image + caption tokens), per batch size: 8 cover a server's warm-up
+# (batches of 1 and 2 at its size) and one more size.
+MAX_SHAPES = 8
 
 
 def enabled(flag: bool = True) -> bool:
@@ -65,23 +74,15 @@ def _decoder_forward(decoder, z):
     return decoder.forward(z)
 
 
-def block_family(block, x, mask, freqs, adaln=None) -> str:
-    return "block-%s-%s-%s" % ("mod" if block.modulation else "plain", "b1" if x.shape[0] == 1 else "bn",
-                               "nomask" if mask is None else "mask")
+def block_family(block, x, mask, freqs, adaln=None) -> tuple[str, str]:
+    """(kind, shape) of a block call: x (B, L, D)."""
+    kind = "block-%s-%s" % ("mod" if block.modulation else "plain", "nomask" if mask is None else "mask")
+    return kind, "b%d-l%d" % tuple(x.shape[:2])
 
 
-def decoder_family(decoder, z) -> str:
-    return "decoder-" + ("b1" if z.shape[0] == 1 else "bn")
-
-
-def block_dynamic(x, mask, freqs, adaln=None) -> list[tuple[int, ...]]:
-    """Per argument, its dynamic dims: the token count (dim 1) of x, mask and freqs; the batch (dim 0) from 2 up."""
-    batch = (0,) if x.shape[0] > 1 else ()
-    return [batch + (1,), () if mask is None else batch + (1,), batch + (1,), () if adaln is None else batch]
-
-
-def decoder_dynamic(z) -> list[tuple[int, ...]]:
-    return [((0,) if z.shape[0] > 1 else ()) + (2, 3)]
+def decoder_family(decoder, z) -> tuple[str, str]:
+    """(kind, shape) of a decoder call: z (B, C, h, w)."""
+    return "decoder", "b%d-%dx%d" % (z.shape[0], z.shape[2], z.shape[3])
 
 
 def qualifies(module, allowed: tuple[type, ...]) -> bool:
@@ -93,19 +94,6 @@ def qualifies(module, allowed: tuple[type, ...]) -> bool:
         if sub._forward_hooks or sub._forward_pre_hooks:
             return False
     return True
-
-
-def _example(t, dims):
-    """A stand-in for argument `t` with `dims` marked dynamic: an uninitialised tensor of the same shape, strides,
-    dtype and device (compiling reads only these), so the caller's tensor carries no dynamo marks afterwards."""
-    import torch
-
-    if t is None or not isinstance(t, torch.Tensor):
-        return t
-    e = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-    if dims:
-        torch._dynamo.mark_dynamic(e, list(dims))
-    return e
 
 
 class Precompiled:
@@ -120,6 +108,8 @@ class Precompiled:
         self.seconds: dict[str, float] = {}  # family -> seconds its load or compile took (logs, benchmarks)
         self._pending: dict[str, bytes] = {}  # family -> serialised function compiled here, not yet written
         self._refused: set[str] = set()  # families whose refusal was logged
+        self._kinds: dict[str, set[str]] = {}  # kind -> its families with a function
+        self._full: set[str] = set()  # kinds at MAX_SHAPES whose fallback was logged
         import torch
 
         self.threads = torch.get_num_threads()
@@ -127,32 +117,45 @@ class Precompiled:
     def path(self, family: str) -> Path:
         return self.folder / (family + SUFFIX)
 
-    def function(self, family: str, forward, module, args: tuple, dynamic: list):
-        """The function for `family`: loaded from its file, else compiled from this call's `args`; None if it can
-        be neither (the caller then runs torch.compile's path)."""
+    def function(self, kind: str, shape: str, forward, module, args: tuple):
+        """The function for `kind` at `shape`: loaded from its file, else compiled from this call's `args`; None if
+        it can be neither or the kind has MAX_SHAPES functions already (the caller then runs torch.compile's path)."""
+        family = f"{kind}.{shape}"
         if family in self.functions:
             return self.functions[family]
+        if len(self._kinds.get(kind, ())) >= MAX_SHAPES:
+            if kind not in self._full:
+                self._full.add(kind)
+                log.info("precompiled %s: %d shapes precompiled; torch.compile runs other shapes (%s)", kind,
+                         MAX_SHAPES, shape)
+            return None
         t0 = time.perf_counter()
         fn = None if self.status.get(family) in ("stale", "corrupt") else self._load(family)  # (preload tried it)
         if fn is None:
-            fn = self._compile(family, forward, module, args, dynamic)
-        if fn is not None:
-            fn.disable_guard_check()  # the caller checks them itself, to fall back instead of raising
-        self.seconds[family] = time.perf_counter() - t0
-        self.functions[family] = fn
+            fn = self._compile(family, forward, module, args)
+        self._add(family, fn, time.perf_counter() - t0)
         return fn
 
+    def _add(self, family: str, fn, seconds: float) -> None:
+        self.functions[family] = fn
+        self.seconds[family] = seconds
+        if fn is not None:
+            fn.disable_guard_check()  # the caller checks them itself, to fall back instead of raising
+            self._kinds.setdefault(family.partition(".")[0], set()).add(family)
+
     def preload(self) -> int:
-        """Load every family an earlier process saved for this slot (the engine does it while loading, so a first
-        image does not pay for torch's deserialisation and the imports it needs). Returns how many loaded."""
+        """Load the functions earlier processes saved for this slot, the newest MAX_SHAPES per kind (the engine
+        does it while it loads, so a first image does not pay for torch's deserialisation and the imports it
+        needs). Returns how many loaded."""
         if not self.folder.is_dir():
             return 0
         import torch
 
+        files = sorted(self.folder.glob("*" + SUFFIX), key=lambda p: p.stat().st_mtime, reverse=True)
         n = 0
-        for path in sorted(self.folder.glob("*" + SUFFIX)):
+        for path in files:
             family = path.name[:-len(SUFFIX)]
-            if family in self.functions:
+            if family in self.functions or len(self._kinds.get(family.partition(".")[0], ())) >= MAX_SHAPES:
                 continue
             t0 = time.perf_counter()
             # Inside inference mode, as every call is (PrecompiledCall): the tensor guards read the thread's
@@ -160,9 +163,7 @@ class Precompiled:
             with torch.inference_mode():
                 fn = self._load(family)
             if fn is not None:
-                fn.disable_guard_check()
-                self.functions[family] = fn
-                self.seconds[family] = time.perf_counter() - t0
+                self._add(family, fn, time.perf_counter() - t0)
                 n += 1
         return n
 
@@ -210,18 +211,14 @@ class Precompiled:
         log.info("precompiled %s: loaded from %s", family, path)
         return fn
 
-    def _compile(self, family: str, forward, module, args: tuple, dynamic: list):
+    def _compile(self, family: str, forward, module, args: tuple):
         import torch
 
-        examples = tuple(_example(a, d) for a, d in zip(args, dynamic))
         t0 = time.perf_counter()
         try:
-            # Separate symbols for sizes that happen to be equal in this call (a square latent's h and w): the
-            # function then serves every aspect ratio. enable_aot_compile: .aot_compile exists behind it in torch
-            # 2.11 (on by default from 2.13). Both are restored on exit.
-            with torch._dynamo.config.patch(enable_aot_compile=True), \
-                    torch.fx.experimental._config.patch(use_duck_shape=False):
-                fn = torch.compile(forward, fullgraph=True).aot_compile(((module, *examples), {}))
+            # enable_aot_compile: .aot_compile exists behind it in torch 2.11 (on by default from 2.13); restored
+            with torch._dynamo.config.patch(enable_aot_compile=True):
+                fn = torch.compile(forward, fullgraph=True, dynamic=False).aot_compile(((module, *args), {}))
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = self.folder / f".{family}.{os.getpid()}.raw"
             try:
@@ -257,26 +254,26 @@ class Precompiled:
 
 
 class PrecompiledCall:
-    """Installed as a compiled module's `_compiled_call_impl` (what nn.Module.__call__ runs): the family's
-    precompiled function where it applies, else `fallback` (torch.compile's callable for the module)."""
+    """Installed as a compiled module's `_compiled_call_impl` (what nn.Module.__call__ runs): the precompiled
+    function of the call's family where it applies, else `fallback` (torch.compile's callable for the module).
+    `family(module, *args)` -> (kind, shape)."""
 
-    def __init__(self, module, store: Precompiled, forward, family, dynamic, fallback, eligible: bool):
-        self.module, self.store, self.forward = module, store, forward
-        self.family, self.dynamic, self.fallback = family, dynamic, fallback
+    def __init__(self, module, store: Precompiled, forward, family, fallback, eligible: bool):
+        self.module, self.store, self.forward, self.family, self.fallback = module, store, forward, family, fallback
         self.eligible = eligible  # qualifies(module, ...), decided when installed
         self.calls = {"precompiled": 0, "fallback": 0}  # for tests and logs
 
     def __call__(self, *args, **kwargs):
         import torch
 
-        if kwargs or not self.eligible or torch.is_grad_enabled() or not torch.is_inference_mode_enabled():
+        if kwargs or not self.eligible or not torch.is_inference_mode_enabled():
             return self._fall_back(args, kwargs)
-        fn = self.store.function(self.family(self.module, *args), self.forward, self.module, args,
-                                 self.dynamic(*args))
+        kind, shape = self.family(self.module, *args)
+        fn = self.store.function(kind, shape, self.forward, self.module, args)
         if fn is None:
             return self._fall_back(args, kwargs)
         if not fn.guard_check(self.module, *args):
-            self.store.refused(self.family(self.module, *args), fn, self.module, args)
+            self.store.refused(f"{kind}.{shape}", fn, self.module, args)
             return self._fall_back(args, kwargs)
         self.calls["precompiled"] += 1
         return fn(self.module, *args)
@@ -297,7 +294,7 @@ def install(transformer, vae, device, store: Precompiled) -> None:
     block_classes = (TransformerBlock, Attention, FeedForward, FusedSwiGLU, RMSNorm, nn.Linear, nn.Sequential,
                      nn.ModuleList)
     for block in transformer.blocks():
-        block._compiled_call_impl = PrecompiledCall(block, store, _block_forward, block_family, block_dynamic,
+        block._compiled_call_impl = PrecompiledCall(block, store, _block_forward, block_family,
                                                     block._compiled_call_impl, qualifies(block, block_classes))
     decoder = vae.decoder
     if getattr(decoder, "_compiled_call_impl", None) is not None and device.type == "cuda":
@@ -308,5 +305,5 @@ def install(transformer, vae, device, store: Precompiled) -> None:
 
 
 def install_decoder(decoder, store: Precompiled, eligible: bool) -> None:
-    decoder._compiled_call_impl = PrecompiledCall(decoder, store, _decoder_forward, decoder_family, decoder_dynamic,
+    decoder._compiled_call_impl = PrecompiledCall(decoder, store, _decoder_forward, decoder_family,
                                                   decoder._compiled_call_impl, eligible)
