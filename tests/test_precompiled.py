@@ -33,11 +33,13 @@ from zimage.request import GenerateRequest
 engine = Engine.load(model=sys.argv[1], device="cpu", dtype="fp32", speed="compile")
 store = engine.speed_setup.precompiled
 loaded_at_load = dict(store.status)
+artifacts_at_load = engine.speed_setup.artifacts.status
 w, h = json.loads(sys.argv[2])
 result = engine.generate(GenerateRequest(prompts=("a lighthouse at dusk",), width=w, height=h, steps=2, seed=5))
 pixels = hashlib.sha256(result.images[0].image.tobytes()).hexdigest()
 calls = [b._compiled_call_impl.calls for b in engine.parts.transformer.blocks()]
 print(json.dumps({"folder": str(store.folder), "loaded_at_load": loaded_at_load, "status": store.status,
+                  "artifacts_at_load": artifacts_at_load,
                   "calls": {k: sum(c[k] for c in calls) for k in calls[0]}, "pixels": pixels,
                   "graphs": counters["stats"].get("unique_graphs", 0)}))
 """
@@ -87,6 +89,8 @@ def test_a_second_process_loads_them_and_traces_nothing(first, tiny_folder):
     res, cache = first
     second = run_child(tiny_folder, cache)
     assert second["loaded_at_load"] == {f: "loaded" for f in res["status"]}  # Engine.load preloads them
+    # after the portable artifacts (they hold the kernels' autotuning results, which loading a function looks up)
+    assert res["artifacts_at_load"] == "absent" and second["artifacts_at_load"] == "loaded"
     assert second["graphs"] == 0  # dynamo traced no frame
     assert second["calls"] == res["calls"] and second["calls"]["fallback"] == 0
     assert second["pixels"] == res["pixels"]  # the same compiled code: the same image, bit for bit
