@@ -7,11 +7,12 @@ from zimage.errors import UsageError
 SPEED_CHOICES = ("auto", "eager", "compile")
 # Images after which compiling pays for itself in one process; from BENCHMARKS.md (compile cost with a warm
 # on-disk cache divided by the per-image saving). Refreshed when the benchmark is.
-# H200, 2026-12-03 (benchmarks/bench_compile.py, medians of 2 fresh processes each, 8 forwards at 1024x1024): a
-# compiling process reaches its first image 12.1 s later than an eager one with the caches warm (19.3 s against
-# 7.2 s), then saves 0.20 s per image (0.785 s against 0.986 s): 1 + 12.1 / 0.20 = 61 images. (With nothing
-# cached, 42.1 s to the first image: 175 images.)
-COMPILE_BREAK_EVEN_IMAGES = 61
+# H200, 2026-12-03 (benchmarks/bench_compile.py, one fresh process each, 8 forwards at 1024x1024, with the
+# precompiled functions of zimage.speed.precompiled): a compiling process reaches its first image 7.9 s later than an
+# eager one with the caches warm (15.5 s against 7.6 s; 6.5 s of it importing dynamo and inductor), then saves
+# 0.16 s per image (0.796 s against 0.957 s): 1 + 7.9 / 0.16 = 50 images. (With nothing cached, 44.8 s to the first
+# image: 226 images.)
+COMPILE_BREAK_EVEN_IMAGES = 50
 
 
 def resolve_speed(mode: str, device, expected_images: int | None) -> str:

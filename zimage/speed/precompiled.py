@@ -50,7 +50,12 @@ import os
 import time
 from pathlib import Path
 
+from torch import nn
+
+from zimage.models import vae as vae_models
+from zimage.models.z_image import Attention, FeedForward, RMSNorm, TransformerBlock
 from zimage.speed import compile_cache
+from zimage.speed.fuse import FusedSwiGLU
 
 log = logging.getLogger("zimage")
 
@@ -83,6 +88,14 @@ def block_family(block, x, mask, freqs, adaln=None) -> tuple[str, str]:
 def decoder_family(decoder, z) -> tuple[str, str]:
     """(kind, shape) of a decoder call: z (B, C, h, w)."""
     return "decoder", "b%d-%dx%d" % (z.shape[0], z.shape[2], z.shape[3])
+
+
+# What a precompiled block or decoder may be built of (compile mode fuses the SwiGLU projections)
+BLOCK_CLASSES = (TransformerBlock, Attention, FeedForward, FusedSwiGLU, RMSNorm, nn.Linear, nn.Sequential,
+                 nn.ModuleList)
+DECODER_CLASSES = (vae_models.Decoder, vae_models.MidBlock, vae_models.ResnetBlock2D, vae_models.SpatialSelfAttention,
+                   vae_models.UpDecoderBlock2D, vae_models.Upsample2D, nn.Conv2d, nn.GroupNorm, nn.Linear,
+                   nn.ModuleList)
 
 
 def qualifies(module, allowed: tuple[type, ...]) -> bool:
@@ -258,14 +271,19 @@ class PrecompiledCall:
     function of the call's family where it applies, else `fallback` (torch.compile's callable for the module).
     `family(module, *args)` -> (kind, shape)."""
 
-    def __init__(self, module, store: Precompiled, forward, family, fallback, eligible: bool):
+    def __init__(self, module, store: Precompiled, forward, family, fallback, allowed: tuple[type, ...]):
         self.module, self.store, self.forward, self.family, self.fallback = module, store, forward, family, fallback
-        self.eligible = eligible  # qualifies(module, ...), decided when installed
+        self.allowed = allowed
+        # qualifies(module, allowed), decided at the first call: the engine adds some hooks after apply_speed
+        # (fp16's overflow guard), and a module is not rebuilt between calls without apply_speed installing anew
+        self.eligible: bool | None = None
         self.calls = {"precompiled": 0, "fallback": 0}  # for tests and logs
 
     def __call__(self, *args, **kwargs):
         import torch
 
+        if self.eligible is None:
+            self.eligible = qualifies(self.module, self.allowed)
         if kwargs or not self.eligible or not torch.is_inference_mode_enabled():
             return self._fall_back(args, kwargs)
         kind, shape = self.family(self.module, *args)
@@ -285,25 +303,10 @@ class PrecompiledCall:
 
 def install(transformer, vae, device, store: Precompiled) -> None:
     """Route the compiled blocks (and, on CUDA, the compiled decoder) through `store`; call after compile_blocks."""
-    from torch import nn
-
-    from zimage.models import vae as vae_models
-    from zimage.models.z_image import Attention, FeedForward, RMSNorm, TransformerBlock
-    from zimage.speed.fuse import FusedSwiGLU
-
-    block_classes = (TransformerBlock, Attention, FeedForward, FusedSwiGLU, RMSNorm, nn.Linear, nn.Sequential,
-                     nn.ModuleList)
     for block in transformer.blocks():
         block._compiled_call_impl = PrecompiledCall(block, store, _block_forward, block_family,
-                                                    block._compiled_call_impl, qualifies(block, block_classes))
+                                                    block._compiled_call_impl, BLOCK_CLASSES)
     decoder = vae.decoder
     if getattr(decoder, "_compiled_call_impl", None) is not None and device.type == "cuda":
-        decoder_classes = (vae_models.Decoder, vae_models.MidBlock, vae_models.ResnetBlock2D,
-                           vae_models.SpatialSelfAttention, vae_models.UpDecoderBlock2D, vae_models.Upsample2D,
-                           nn.Conv2d, nn.GroupNorm, nn.Linear, nn.ModuleList)
-        install_decoder(decoder, store, qualifies(decoder, decoder_classes))
-
-
-def install_decoder(decoder, store: Precompiled, eligible: bool) -> None:
-    decoder._compiled_call_impl = PrecompiledCall(decoder, store, _decoder_forward, decoder_family,
-                                                  decoder._compiled_call_impl, eligible)
+        decoder._compiled_call_impl = PrecompiledCall(decoder, store, _decoder_forward, decoder_family,
+                                                      decoder._compiled_call_impl, DECODER_CLASSES)
