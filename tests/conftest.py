@@ -5,7 +5,8 @@ test gets empty, private HF_HOME / HF_HUB_CACHE / MODELSCOPE_CACHE (no test can 
 with HF_HUB_OFFLINE=1 so nothing can be fetched by accident. Inductor's cache is the one thing shared between
 sessions (TORCHINDUCTOR_CACHE_DIR: one folder under the system temp dir; its entries are keyed by their graphs' and
 the build's hashes), so compiled tests do not pay a cold C++/Triton build every session; tests of the compile caches
-themselves unset it (tests/test_compile_cache.py).
+themselves unset it (tests/test_compile_cache.py). The precompiled functions (zimage.speed.precompiled) are off
+except where a test turns them on.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def _isolated_env(monkeypatch, tmp_path_factory, zimage_cache_dir):
     monkeypatch.setenv("MODELSCOPE_CACHE", str(root / "modelscope"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", SHARED_INDUCTOR_CACHE)
+    # Compiled tests run torch.compile's path: the precompiled functions compile every shape once more ahead of time
+    # (minutes of C++ builds on a CI CPU). tests/test_precompiled.py and the compiled parity test turn them on.
+    monkeypatch.setenv("ZIMAGE_PRECOMPILED", "0")
 
 
 @pytest.fixture

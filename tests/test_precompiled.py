@@ -234,6 +234,7 @@ def test_it_can_be_turned_off(tiny_folder, monkeypatch):
 
     monkeypatch.setattr(speed_apply, "compile_blocks", lambda *a: None)  # the choice is under test, not inductor
     monkeypatch.setattr(precompiled, "install", lambda *a: None)
+    monkeypatch.setenv(precompiled.ENV, "1")  # (conftest turns them off for other tests)
     assert Engine.load(model=str(tiny_folder), speed="compile").speed_setup.precompiled is not None
     monkeypatch.setenv(precompiled.ENV, "0")
     assert Engine.load(model=str(tiny_folder), speed="compile").speed_setup.precompiled is None

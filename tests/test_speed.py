@@ -83,9 +83,12 @@ def test_fused_projections_give_the_same_latents(tiny_folder):
     assert n_params == sum(p.numel() for p in fresh.transformer.parameters())
 
 
-def test_compile_mode_runs_and_matches_eager(tiny_folder):
-    """The compiled path end to end on the tiny model (the CPU compiles slowly: one small image)."""
+def test_compile_mode_runs_and_matches_eager(tiny_folder, monkeypatch):
+    """The compiled path end to end on the tiny model (the CPU compiles slowly: one small image), with the
+    precompiled functions, as compile mode runs by default (conftest turns them off elsewhere)."""
     from zimage.engine.engine import Engine
+
+    monkeypatch.setenv("ZIMAGE_PRECOMPILED", "1")
 
     eager = Engine.load(model=str(tiny_folder), device="cpu", speed="eager")
     compiled = Engine.load(model=str(tiny_folder), device="cpu", speed="compile")
@@ -93,6 +96,8 @@ def test_compile_mode_runs_and_matches_eager(tiny_folder):
     assert attention_backend(compiled.transformer) == choose_attention_backend(CPU)
     assert hasattr(compiled.transformer.layers[0].attention, "to_qkv")  # compiled mode fuses
     torch.testing.assert_close(_latents(compiled), _latents(eager), rtol=0, atol=1e-4)
+    calls = [b._compiled_call_impl.calls for b in compiled.transformer.blocks()]
+    assert sum(c["precompiled"] for c in calls) > 0 and sum(c["fallback"] for c in calls) == 0
 
 
 def test_compile_is_refused_for_streamed_blocks(tiny_folder, caplog):

@@ -12,8 +12,10 @@
 fallback, a LoRA change), with the placement's plan. It is idempotent and undoes what a new plan forbids: blocks
 compiled under a resident plan run eager again once a plan streams them. Settings that inductor, dynamo and cuDNN
 read process-wide are applied only inside `SpeedSetup.scoped()`, which the engine enters around a generation.
-Compiled setups carry their portable compile artifacts (zimage.speed.compile_cache): loaded inside the first
-`scoped()`, saved by `SpeedSetup.save_compiled()`, which the engine calls after each generation.
+Compiled setups carry their precompiled functions (zimage.speed.precompiled: the blocks and the decoder compiled
+ahead of time, loaded here while the engine loads) and their portable compile artifacts (zimage.speed.compile_cache:
+loaded before those functions, or else inside the first `scoped()`); both are saved by `SpeedSetup.save_compiled()`,
+which the engine calls after each generation.
 """
 
 from __future__ import annotations

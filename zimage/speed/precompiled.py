@@ -19,7 +19,7 @@ caption tokens).
 `mod` / `plain`: with or without timestep modulation (the caption refiner has none). Shapes are static, as
 torch.compile's first graph of a shape is: measured on an H200 (2026-12-03), graphs compiled with dynamic token
 counts and latent sizes ran as fast but re-ran Triton's per-size autotuning in every process (1.2 s with inductor's
-local caches, 7.2 s without) and compiled the decoder in 47 s against 21 s. A kind keeps at most MAX_SHAPES
+local caches, 7.2 s without) and compiled the decoder in 47 s against 18 s. A kind keeps at most MAX_SHAPES
 functions; further shapes (a server asked for many sizes) run torch.compile's path, which turns dynamic by itself.
 
 Files, next to the portable compile cache (zimage.speed.compile_cache, whose slot and key they share):
