@@ -68,7 +68,12 @@ MAX_SHAPES = 8
 
 
 def enabled(flag: bool = True) -> bool:
-    return compile_cache.enabled(flag) and os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """On unless turned off, with a torch that has ahead-of-time compile (`torch.compiler.load_compiled_function`:
+    2.11 and 2.13 have it; an older one runs torch.compile's path)."""
+    import torch
+
+    return (compile_cache.enabled(flag) and os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+            and hasattr(torch.compiler, "load_compiled_function"))
 
 
 def _block_forward(block, x, mask, freqs, adaln=None):
