@@ -164,8 +164,8 @@ def test_segments_of_other_processes_are_kept_unless_covered(tmp_path, monkeypat
     from torch.compiler._cache import CacheInfo
 
     path = tmp_path / "x.zca"
-    old_a = compile_cache._segment(b"A", [("inductor", "a")])
-    old_b = compile_cache._segment(b"B", [("inductor", "b")])
+    old_a = compile_cache.segment(b"A", [("inductor", "a")])
+    old_b = compile_cache.segment(b"B", [("inductor", "b")])
     compile_cache.write_file(path, {"k": 1}, [old_a, old_b])
     artifacts = compile_cache.CompileArtifacts("x", {"k": 1}, tmp_path)
     artifacts.tried, artifacts.status, artifacts._kept = True, "loaded", [old_a, old_b]

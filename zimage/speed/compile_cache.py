@@ -135,7 +135,8 @@ class Segment:
     sha256: str
 
 
-def _segment(data: bytes, artifacts) -> Segment:
+def segment(data: bytes, artifacts) -> Segment:
+    """A Segment of `data`, holding the (type, key) `artifacts`, with its checksum."""
     return Segment(data, frozenset(artifacts), hashlib.sha256(data).hexdigest())
 
 
@@ -156,7 +157,7 @@ def read_file(path: Path) -> tuple[dict, list[Segment]]:
             offset += len(data)
             if len(data) != int(e["size"]) or hashlib.sha256(data).hexdigest() != e["sha256"]:
                 raise CorruptArtifacts("a segment is truncated or its checksum differs")
-            segments.append(_segment(data, (tuple(a) for a in e["artifacts"])))
+            segments.append(segment(data, (tuple(a) for a in e["artifacts"])))
     except CorruptArtifacts:
         raise
     except (ValueError, KeyError, TypeError) as e:
@@ -269,7 +270,7 @@ class CompileArtifacts:
             if result is None:
                 return False
             data, info = result
-            mine = _segment(data, ((t, k) for t, keys in info.artifacts.items() for k in keys))
+            mine = segment(data, ((t, k) for t, keys in info.artifacts.items() for k in keys))
             held = frozenset().union(*(s.artifacts for s in self._kept))
             if mine.artifacts <= held:
                 return False

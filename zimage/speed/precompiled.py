@@ -43,7 +43,6 @@ Off with ZIMAGE_PRECOMPILED=0 (torch.compile then traces in every process, as be
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -258,8 +257,7 @@ class Precompiled:
         written = 0
         for family, data in list(self._pending.items()):
             try:
-                segment = compile_cache.Segment(data, frozenset({("precompiled", family)}),
-                                                hashlib.sha256(data).hexdigest())
+                segment = compile_cache.segment(data, [("precompiled", family)])
                 size = compile_cache.write_file(self.path(family), self._file_key(family), [segment])
             except OSError as e:
                 log.warning("precompiled %s: saving to %s failed (%s)", family, self.path(family), e)
