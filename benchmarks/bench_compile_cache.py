@@ -15,8 +15,8 @@ precompiled functions on (zimage.speed.precompiled, the default):
 torch.compile alone (ZIMAGE_PRECOMPILED=0; zimage before them), in caches of its own:
 - tc-cold, tc-local (inductor's local caches, no artifact file), tc-mega (the artifact file only)
 
-Reports the median seconds to the first image (from the child's start) and its parts, the steady image time (the
-functions' graphs are dynamic in the token count; torch.compile's first graph is static), the compile counters,
+Reports the median seconds to the first image (from the child's start) and its parts, the steady image time (both
+paths run static-shape graphs at one size: they should match), the compile counters,
 and for each run the first image's phases and dynamo's / inductor's own timers. On CUDA the model is the full-size
 random one (benchmarks/common.py); on the CPU the tiny random model at 256x256, 2 steps.
 """

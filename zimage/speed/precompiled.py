@@ -8,8 +8,9 @@ output code, inductor's compiled graph and kernels, and the guards. Loaded in a 
 guards (tensor shapes, dtypes, devices, module structure and attributes) are checked on every call.
 
 The compiled function takes the module as an argument (`_forward(module, *args)`), so its parameters are inputs,
-not constants: one function serves every block of a kind (the 30 joint blocks and the 2 noise-refiner blocks share
-one). One function per *family*, a call kind at one shape:
+not constants: one function serves every block of a kind at a shape (the 30 joint blocks share one; the 2
+noise-refiner blocks, same kind at the image tokens only, another). One function per *family*, a call kind at one
+shape:
 
     block-{mod,plain}-{nomask,mask}.b<B>-l<L>    TransformerBlock.forward(x (B, L, D), mask, freqs, adaln)
     decoder.b<B>-<h>x<w>                         Decoder.forward(z (B, C, h, w))
